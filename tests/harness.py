@@ -1,0 +1,99 @@
+"""Helpers the lesson tests share: import a lesson's modules, run its main.py, wait for things."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LESSONS_DIR = REPO_ROOT / "lessons"
+
+
+def lesson_dir(lesson: str) -> Path:
+    path = LESSONS_DIR / lesson
+    if not path.is_dir():
+        raise ValueError(f"no lesson directory {path}")
+    return path
+
+
+def _lesson_module_names() -> set[str]:
+    """Top-level module names that lessons define (`db`, `worker`, ...), across all lessons."""
+    names = set()
+    for path in LESSONS_DIR.glob("[0-9][0-9]-*/*"):
+        if path.suffix == ".py" or (path / "__init__.py").exists():
+            names.add(path.stem)
+    return names
+
+
+def import_lesson(lesson: str, *modules: str) -> types.SimpleNamespace:
+    """Import modules of one lesson, e.g. `import_lesson("02-simple-task-queue", "tasks", "db")`.
+
+    Every lesson has its own `db` package (and often a `worker` module), and lessons import them
+    by their plain names, as `main.py` does. Importing two lessons into one pytest process would
+    hand lesson 03 the `db` of lesson 02. So: forget every lesson module name, import with this
+    lesson's directory first on sys.path, then forget the names again. The returned modules keep
+    references to the submodules they imported, so they go on working.
+    """
+    names = _lesson_module_names()
+
+    def forget() -> None:
+        for name in list(sys.modules):
+            if name.split(".")[0] in names:
+                del sys.modules[name]
+
+    forget()
+    sys.path.insert(0, str(lesson_dir(lesson)))
+    try:
+        loaded = {module.replace(".", "_"): importlib.import_module(module) for module in modules}
+    finally:
+        sys.path.pop(0)
+        forget()
+    return types.SimpleNamespace(**loaded)
+
+
+def lesson_env(database_url: str, dbname: str | None = None) -> dict[str, str]:
+    """Environment for a lesson subprocess: the test server, and a private database name."""
+    env = dict(os.environ, DATABASE_URL=database_url, PYTHONUNBUFFERED="1")
+    if dbname:
+        env["LESSON_DBNAME"] = dbname
+    return env
+
+
+def run_main(
+    lesson: str,
+    database_url: str,
+    dbname: str,
+    *args: str,
+    timeout: float = 120,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `lessons/<lesson>/main.py` as a reader would and return its finished process."""
+    return subprocess.run(
+        [sys.executable, str(lesson_dir(lesson) / "main.py"), *args],
+        cwd=cwd or REPO_ROOT,
+        env=lesson_env(database_url, dbname),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30, interval: float = 0.02):
+    """Poll `condition` until it returns something truthy; return that, or fail after `timeout`.
+
+    Tests wait for a state they can observe (a row, a status) instead of sleeping a guessed time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(interval)
