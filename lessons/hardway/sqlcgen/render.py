@@ -251,7 +251,7 @@ def _query(
     lines = _signature(
         method, [f"{p.name}: {p.vtype.annotation('models.')}" for p in params], returns
     )
-    body = _docstring(query.get("comments") or [], INDENT * 2)
+    body = _docstring(_doc_comments(query.get("comments") or []), INDENT * 2)
     body.append(f"{INDENT * 2}with self._cursor() as cur:")
     body += _execute(constant, [p.expr() for p in params], INDENT * 3)
     if command == ":execrows":
@@ -435,7 +435,8 @@ def _sql_lines(text: str) -> list[str]:
     sqlc gives the query without its `-- name:` comment; the constant starts with that line
     again, as in sqlc's other generators, so the SQL shows which query it is in server logs.
     """
-    escaped = _escape(text)
+    # Comment lines between two queries (a docs region marker, say) leave blank lines behind.
+    escaped = _escape(text.strip("\n"))
     # Three quotes in a row would end the string early; escaping the third one is enough.
     escaped = escaped.replace('"""', '""\\"')
     return [*escaped.split("\n"), '"""']
@@ -449,6 +450,14 @@ def _escape(text: str) -> str:
 
 def _escape_docstring(text: str) -> str:
     return _escape(text).replace('"""', '\\"\\"\\"').replace("\t", " ")
+
+
+# `-- region: NAME` / `-- endregion` mark excerpts for the docs (hardway.docgen), not query docs.
+REGION_MARKER = re.compile(r"^\s*(region:\s*\S+|endregion)\s*$")
+
+
+def _doc_comments(comments: Iterable[str]) -> list[str]:
+    return [line for line in comments if not REGION_MARKER.match(line)]
 
 
 def _docstring(comments: Iterable[str], indent: str) -> list[str]:

@@ -1,0 +1,361 @@
+"""Lesson 02: a task queue whose workers claim with FOR UPDATE SKIP LOCKED run each task once.
+
+The exactly-once claim is audited twice: from the tasks table, and from a log the task
+function writes itself (an audit table in the same database), because a task that ran twice
+looks perfectly normal in the tasks table (naive_claim.py shows exactly that).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+from harness import import_lesson, lesson_dir, lesson_env, run_main, wait_until
+from psycopg_pool import ConnectionPool
+
+LESSON = "02-simple-task-queue"
+L = import_lesson(LESSON, "engine", "worker", "naive_claim", "db.models", "db.queries")
+Engine, Worker = L.engine.Engine, L.worker.Worker
+TaskStatus = L.db_models.TaskStatus
+XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture
+def url(lesson_db) -> str:
+    return lesson_db(LESSON)
+
+
+@pytest.fixture
+def engine(url):
+    with Engine(url) as engine:
+        yield engine
+
+
+def statuses(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute("SELECT status::text, count(*) FROM tasks GROUP BY 1").fetchall())
+
+
+def run_workers(workers) -> None:
+    """Run each worker in a thread of its own until nothing is left to claim; all start together.
+
+    Like `worker.run_until_idle()`, except that each thread connects first and waits at a
+    barrier, so that every worker claims from the first task on (otherwise the first to connect
+    could drain a small queue alone, and there would be no race to test).
+    """
+    barrier = threading.Barrier(len(workers))
+    errors: list[BaseException] = []
+
+    def work(worker) -> None:
+        try:
+            with worker.connect() as conn:
+                barrier.wait(timeout=30)
+                while worker.run_one(conn):
+                    pass
+        except BaseException as err:  # reported by the main thread, not lost in a thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(w,), name=w.name) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), f"{thread.name} did not finish"
+    assert not errors, errors
+
+
+# --- the claim ---------------------------------------------------------------------------------
+
+
+def test_many_workers_run_every_task_exactly_once(url, engine):
+    workers_count, tasks_count = 8, 300
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE audit (n int NOT NULL, ran_by text NOT NULL)")
+
+    # The function's own side effect: one audit row per call, written by the thread running it.
+    with ConnectionPool(url, min_size=2, max_size=8, kwargs={"autocommit": True}) as audit:
+
+        @engine.task("double")
+        def double(input):
+            with audit.connection() as conn:
+                conn.execute(
+                    "INSERT INTO audit (n, ran_by) VALUES (%s, %s)",
+                    (input["n"], threading.current_thread().name),
+                )
+            return input["n"] * 2
+
+        ids = [engine.enqueue("double", {"n": n}) for n in range(tasks_count)]
+        run_workers([Worker(engine, name=f"w{i}") for i in range(workers_count)])
+
+    with psycopg.connect(url) as conn:
+        tasks = conn.execute(
+            "SELECT id, input, status::text, output, worker, started_at <= finished_at"
+            " FROM tasks ORDER BY id"
+        ).fetchall()
+        runs = conn.execute("SELECT n, ran_by FROM audit").fetchall()
+
+    # From the tasks table: every task completed once, with its own output.
+    assert [t[0] for t in tasks] == ids
+    assert {t[2] for t in tasks} == {"completed"}
+    assert all(t[3] == t[1]["n"] * 2 and t[5] for t in tasks)
+    # From the function's log: exactly one call per task, made by the worker that claimed it.
+    calls = Counter(n for n, _ in runs)
+    assert len(runs) == tasks_count
+    assert sorted(calls) == list(range(tasks_count)) and set(calls.values()) == {1}
+    assert dict(runs) == {t[1]["n"]: t[4] for t in tasks}
+    # The work really was shared: this was a race, not one worker doing everything.
+    assert len({t[4] for t in tasks}) > 1
+
+
+def test_claim_skips_a_locked_task_instead_of_waiting(url, engine):
+    engine.task("noop")(lambda input: None)
+    first, second = engine.enqueue("noop"), engine.enqueue("noop")
+    worker = Worker(engine, name="w")
+    with psycopg.connect(url) as holder, worker.connect() as conn:
+        # Another transaction holds the oldest task's row lock, as a claimer mid-claim would.
+        holder.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (first,))
+        # A claim that waited for that lock would hang here; the timeout turns that into an error.
+        conn.execute("SET statement_timeout = '10s'")
+        claimed = worker.claim(conn)
+        assert claimed is not None and claimed.id == second
+        assert claimed.status == TaskStatus.RUNNING and claimed.worker == "w"
+        assert worker.claim(conn) is None  # the locked one is skipped, not handed out
+        holder.rollback()
+        assert worker.claim(conn).id == first
+
+
+def test_claim_finds_queued_tasks_through_the_partial_index(url, engine):
+    engine.task("noop")(lambda input: None)
+    with psycopg.connect(url, autocommit=True) as conn:
+        # 20,000 finished tasks and a few queued ones: the claim must not read the finished.
+        conn.execute(
+            "INSERT INTO tasks (name, input, status, worker, started_at, finished_at)"
+            " SELECT 'noop', 'null', 'completed', 'w', now(), now() FROM generate_series(1, 20000)"
+        )
+        conn.execute("INSERT INTO tasks (name, input) VALUES ('noop', 'null'), ('noop', 'null')")
+        conn.execute("ANALYZE tasks")
+        # The generated ClaimTask statement, with psycopg's placeholders instead of $1, $2.
+        claim = L.db_queries.CLAIM_TASK.replace("$1", "%s").replace("$2", "%s")
+        plan = "\n".join(row[0] for row in conn.execute("EXPLAIN " + claim, ("w", ["noop"])))
+    assert "tasks_queued" in plan, plan
+
+
+# --- running and recording ---------------------------------------------------------------------
+
+
+def test_a_function_that_raises_leaves_its_task_failed_with_the_error(url, engine):
+    @engine.task("explode")
+    def explode(input):
+        raise ValueError(f"cannot handle {input!r}")
+
+    engine.task("fine")(lambda input: "ok")
+    bad = engine.enqueue("explode", [1, 2])
+    good = engine.enqueue("fine")
+    assert Worker(engine, name="w").run_until_idle() == 2
+
+    task = engine.get(bad)
+    assert task.status == TaskStatus.FAILED
+    assert task.error == "ValueError: cannot handle [1, 2]"
+    assert task.output is None and task.finished_at >= task.started_at
+    # The worker went on to the next task.
+    assert engine.get(good).status == TaskStatus.COMPLETED and engine.get(good).output == "ok"
+
+
+def test_an_exception_without_a_message_is_recorded_by_its_type(engine):
+    @engine.task("bare")
+    def bare(input):
+        raise KeyError
+
+    task_id = engine.enqueue("bare")
+    Worker(engine).run_until_idle()
+    assert engine.get(task_id).error == "KeyError"
+
+
+@pytest.mark.parametrize(
+    ("returned", "reason"),
+    [
+        ({1, 2}, "Object of type set is not JSON serializable"),
+        (math.nan, "Out of range float values are not JSON compliant"),
+    ],
+)
+def test_a_non_json_return_value_fails_the_task_with_a_clear_reason(engine, returned, reason):
+    engine.task("odd")(lambda input: returned)
+    task_id = engine.enqueue("odd")
+    Worker(engine).run_until_idle()
+    task = engine.get(task_id)
+    assert task.status == TaskStatus.FAILED
+    assert task.error == f"return value is not JSON-serializable: {reason}"
+
+
+def test_input_and_output_round_trip_as_json(engine):
+    engine.task("echo")(lambda input: {"got": input})
+    engine.task("nothing")(lambda input: None)
+    inputs = [None, 0, "text", [1, "two", None], {"nested": {"list": [1.5, True]}}]
+    ids = [engine.enqueue("echo", value) for value in inputs]
+    nothing = engine.enqueue("nothing", {"a": 1})
+    Worker(engine).run_until_idle()
+    for task_id, value in zip(ids, inputs, strict=True):
+        task = engine.get(task_id)
+        assert (task.status, task.input, task.output) == ("completed", value, {"got": value})
+    assert engine.get(nothing).status == TaskStatus.COMPLETED
+    assert engine.get(nothing).output is None
+    assert engine.get(10_000) is None
+
+
+# --- enqueue and registry errors ---------------------------------------------------------------
+
+
+def test_enqueue_refuses_an_unknown_name_and_writes_nothing(url, engine):
+    engine.task("b_task")(lambda input: None)
+    engine.task("a_task")(lambda input: None)
+    with pytest.raises(L.engine.UnknownTaskError) as caught:
+        engine.enqueue("c_task", {})
+    assert str(caught.value) == "no task named 'c_task' is registered (registered: a_task, b_task)"
+    assert isinstance(caught.value, LookupError)
+    assert statuses(url) == {}
+
+
+@pytest.mark.parametrize(
+    ("bad_input", "reason"),
+    [
+        ({"tags": {"a"}}, "Object of type set is not JSON serializable"),
+        (object(), "Object of type object is not JSON serializable"),
+        ([math.inf], "Out of range float values are not JSON compliant"),
+    ],
+)
+def test_enqueue_refuses_input_that_is_not_json_and_writes_nothing(url, engine, bad_input, reason):
+    engine.task("t")(lambda input: None)
+    with pytest.raises(L.engine.TaskInputError) as caught:
+        engine.enqueue("t", bad_input)
+    assert str(caught.value) == f"input of task 't' is not JSON-serializable: {reason}"
+    assert isinstance(caught.value, ValueError)
+    assert statuses(url) == {}
+
+
+def test_a_name_can_be_registered_only_once(engine):
+    engine.task("t")(lambda input: None)
+    with pytest.raises(ValueError, match="a task named 't' is already registered"):
+        engine.task("t")(lambda input: None)
+
+
+def test_a_worker_leaves_tasks_it_does_not_know_queued(url):
+    # The new deploy knows "old" and "new"; a worker still running the old code knows only "old".
+    with Engine(url) as new_deploy, Engine(url) as old_deploy:
+        new_deploy.task("old")(lambda input: "by new")
+        new_deploy.task("new")(lambda input: "by new")
+        old_deploy.task("old")(lambda input: "by old")
+        new_task, old_task = new_deploy.enqueue("new"), new_deploy.enqueue("old")
+
+        assert Worker(old_deploy, name="old").run_until_idle() == 1
+        assert new_deploy.get(old_task).output == "by old"
+        assert new_deploy.get(new_task).status == TaskStatus.QUEUED
+
+        assert Worker(new_deploy, name="new").run_until_idle() == 1
+        assert new_deploy.get(new_task).output == "by new"
+
+
+def test_run_picks_up_new_tasks_until_stopped(engine):
+    engine.task("t")(lambda input: input)
+    stop = threading.Event()
+    thread = threading.Thread(target=Worker(engine, poll_interval=0.05).run, args=(stop,))
+    thread.start()
+    try:
+        # Enqueued while the worker is already polling an empty queue.
+        ids = [engine.enqueue("t", n) for n in range(3)]
+        wait_until(lambda: all(engine.get(i).status == TaskStatus.COMPLETED for i in ids))
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert [engine.get(i).output for i in ids] == [0, 1, 2]
+
+
+# --- the failure before the fix ----------------------------------------------------------------
+
+
+def test_the_naive_claim_really_runs_tasks_twice(url, engine):
+    calls: list[int] = []
+
+    @engine.task("t")
+    def t(input):
+        calls.append(input)
+        time.sleep(L.naive_claim.TASK_DURATION)  # as in the demo: longer than the claim's gap
+        return input
+
+    for n in range(3):
+        engine.enqueue("t", n)
+    run_workers([L.naive_claim.NaiveWorker(engine, name=f"w{i}") for i in range(4)])
+
+    # The tasks table looks exactly as healthy as with the real claim...
+    assert statuses(url) == {"completed": 3}
+    # ...but the function ran more often than there were tasks.
+    assert len(calls) > 3 and max(Counter(calls).values()) > 1
+
+
+def test_naive_claim_py_shows_the_double_runs(pg_server_url):
+    dbname = f"t02_naive_{XDIST}"
+    result = subprocess.run(
+        [sys.executable, "naive_claim.py"],
+        cwd=lesson_dir(LESSON),
+        env=lesson_env(pg_server_url, dbname),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _drop(pg_server_url, dbname)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "from the database: 0 queued, 0 running, 5 completed, 0 failed" in lines
+    ran_twice = int(lines[-1].split()[0])
+    assert lines[-1] == f"{ran_twice} of 5 tasks ran more than once" and ran_twice >= 1
+    assert "result dropped" in result.stderr
+
+
+# --- main.py, as a reader runs it --------------------------------------------------------------
+
+
+def test_main_runs_every_task_once_from_anywhere_and_reruns(pg_server_url):
+    dbname = f"t02_main_{XDIST}"
+    try:
+        for cwd in (None, lesson_dir(LESSON)):
+            result = run_main(LESSON, pg_server_url, dbname, cwd=cwd)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == ""
+            lines = result.stdout.splitlines()
+            assert lines[0].startswith(f"database {dbname} on ")
+            assert lines[1] == (
+                "refused: UnknownTaskError: no task named 'send_sms' is registered"
+                " (registered: send_welcome_email)"
+            )
+            assert lines[2] == (
+                "refused: TaskInputError: input of task 'send_welcome_email' is not"
+                " JSON-serializable: Object of type set is not JSON serializable"
+            )
+            assert lines[3] == "enqueued 40 tasks, ids 1 to 40"
+            assert lines[4] == "4 workers ran them:"
+            # Who ran what: four workers, and between them every task exactly once.
+            ran = [line.split(": ")[1].split() for line in lines[5:9]]
+            assert all(
+                line.startswith(f"  worker-{n} ran ") for n, line in enumerate(lines[5:9], 1)
+            )
+            assert sorted(int(task) for tasks in ran for task in tasks) == list(range(1, 41))
+            assert lines[9:] == [
+                "task 13 failed: ValueError: not an email address: 'user13.example.com'",
+                "from the database: 0 queued, 0 running, 39 completed, 1 failed",
+                "from the function's own log: 40 calls for 40 tasks, no task ran twice",
+            ]
+    finally:
+        _drop(pg_server_url, dbname)
+
+
+def _drop(server: str, dbname: str) -> None:
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
