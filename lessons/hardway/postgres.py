@@ -14,7 +14,8 @@ re-created from the lesson's `sql/schema.sql`, so lessons never see each other's
 run starts clean.
 
 Run `python -m hardway.postgres status|stop|url` to look after the embedded server
-(`make db-stop` and `make db-reset` wrap it).
+(`make db-stop` and `make db-reset` wrap it), and `python -m hardway.postgres psql lesson_02`
+to open a lesson's database in psql (the psql shipped inside the wheel: no install needed).
 """
 
 from __future__ import annotations
@@ -95,15 +96,17 @@ def lesson_dbname(lesson_dir_name: str) -> str:
 
 
 def describe(url: str) -> str:
-    """One line saying where a database lives and how to open it with psql."""
+    """One line saying which database a lesson uses, where, and how to open it with psql."""
     params = conninfo.conninfo_to_dict(url)
-    host = params.get("host", "localhost")
-    where = (
-        f"socket directory {host}"
-        if str(host).startswith("/")
-        else f"{host}:{params.get('port', 5432)}"
-    )
-    return f"database {params.get('dbname')} on {where}; connect with: {_psql()} '{url}'"
+    host = str(params.get("host", "localhost"))
+    if host == str(EMBEDDED_DATA_DIR):
+        where = f"the embedded server in {host}"
+    elif host.startswith("/"):
+        where = f"the server with its socket in {host}"
+    else:
+        where = f"{host}:{params.get('port', 5432)}"
+    dbname = params.get("dbname")
+    return f"database {dbname} on {where} (psql: python -m hardway.postgres psql {dbname})"
 
 
 def _check_reachable(url: str, source: str) -> None:
@@ -197,8 +200,22 @@ def main(argv: list[str]) -> int:
             print(f"embedded PostgreSQL running, pid {pid}: {_psql()} '{url}'")
     elif command == "stop":
         _stop_embedded()
+    elif command == "psql":
+        # Replace this process with psql, connected to the given database (default: postgres).
+        try:
+            url = server_url()
+        except DatabaseUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if len(argv) > 1:
+            url = database_url(url, argv[1])
+        psql = _psql()
+        os.execv(psql, [psql, url, *argv[2:]])
     else:
-        print("usage: python -m hardway.postgres [status|stop|url]", file=sys.stderr)
+        print(
+            "usage: python -m hardway.postgres [status | stop | url | psql [DBNAME]]",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

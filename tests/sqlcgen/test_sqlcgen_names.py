@@ -35,6 +35,7 @@ def test_snake_and_camel(name: str, snake: str, camel: str) -> None:
         ("batches", "Batch"),
         ("wishes", "Wish"),
         ("status", "Status"),
+        ("statuses", "Status"),
         ("analysis", "Analysis"),
         ("address", "Address"),
         ("data", "Data"),
