@@ -36,6 +36,7 @@ def test_snake_and_camel(name: str, snake: str, camel: str) -> None:
         ("wishes", "Wish"),
         ("status", "Status"),
         ("statuses", "Status"),
+        ("courses", "Course"),
         ("analysis", "Analysis"),
         ("address", "Address"),
         ("data", "Data"),

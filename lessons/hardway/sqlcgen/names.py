@@ -41,14 +41,14 @@ def camel(name: str) -> str:
 def singular(word: str) -> str:
     """English singular of a table name's last word, by a rule small enough to remember.
 
-    `-ies` -> `-y` (categories); `-sses`, `-uses`, `-xes`, `-ches`, `-shes` lose `-es` (classes,
+    `-ies` -> `-y` (categories); `-sses`, `-tuses`, `-xes`, `-ches`, `-shes` lose `-es` (classes,
     statuses, boxes, batches); words ending in `ss`, `us` or `is` are already singular (status, analysis);
     otherwise one trailing `s` is dropped (tasks, task_attempts). Anything else stays as it is.
     """
     lower = word.lower()
     if lower.endswith("ies") and len(word) > 3:
         return word[:-3] + ("Y" if word[-3:].isupper() else "y")
-    if lower.endswith(("sses", "uses", "xes", "ches", "shes")):
+    if lower.endswith(("sses", "tuses", "xes", "ches", "shes")):
         return word[:-2]
     if lower.endswith(("ss", "us", "is")):
         return word
