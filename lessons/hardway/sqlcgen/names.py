@@ -41,8 +41,9 @@ def camel(name: str) -> str:
 def singular(word: str) -> str:
     """English singular of a table name's last word, by a rule small enough to remember.
 
-    `-ies` -> `-y` (categories); `-sses`, `-tuses`, `-xes`, `-ches`, `-shes` lose `-es` (classes,
-    statuses, boxes, batches); words ending in `ss`, `us` or `is` are already singular (status, analysis);
+    `-ies` -> `-y` (categories); `-sses`, `-tuses`, `-xes`, `-ches`, `-shes` lose `-es`
+    (classes, statuses, boxes, batches); words ending in `ss`, `us` or `is` are already singular
+    (status, analysis);
     otherwise one trailing `s` is dropped (tasks, task_attempts). Anything else stays as it is.
     """
     lower = word.lower()
