@@ -9,8 +9,10 @@ LATEST_LESSON := $(lastword $(sort $(wildcard lessons/[0-9][0-9]-*)))
 SQLC_CONFIGS := $(sort $(wildcard lessons/*/sql/sqlc.yaml))
 # The venv's bin goes first so sqlc finds the project's plugin (sqlc-gen-psycopg).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Silences mkdocs-material's end-of-life banner on every build.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint format generate check-generated run docs docs-serve db-stop db-reset clean
+.PHONY: install test lint format generate check-generated run docs docs-generate docs-serve db-stop db-reset clean
 
 # Reinstall whenever pyproject.toml changes; the stamp file records the last install.
 $(BIN)/.installed: pyproject.toml
@@ -47,6 +49,10 @@ run: install
 
 docs: install
 	$(BIN)/mkdocs build --strict
+
+# Rewrite the generated regions of the READMEs and docs pages (SQL diffs, code excerpts, output).
+docs-generate: install
+	$(BIN)/python -m hardway.docgen write
 
 docs-serve: install
 	$(BIN)/mkdocs serve --watch lessons

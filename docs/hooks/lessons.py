@@ -1,0 +1,254 @@
+"""mkdocs hook: lesson pages, lesson source files and repository links, with nothing to commit.
+
+The lesson READMEs are the single source of the lesson text: they must read well on GitHub,
+where their links are plain relative paths (`main.py`, `../02-simple-task-queue/README.md`,
+`../../Makefile`). This hook makes the same text work on the site:
+
+- one page per lesson directory (`lessons/NN-name/README.md` -> `lessons/NN-name/`), created at
+  build time and listed under "Lessons" in the navigation, so a new lesson needs no stub;
+- one page per source file of every lesson and of `lessons/hardway/` (`lessons/02-.../main.py`
+  -> `lessons/02-.../main.py/`, highlighted, with line numbers), so links to code work offline;
+- links that leave `docs/` are resolved against the repository and pointed at those pages, at
+  the home page (root README) or, for any other repository file, at GitHub;
+- the edit button opens the file the text really lives in (the README, not a stub).
+
+It also serves a local copy of mermaid when `HARDWAY_MERMAID_JS` names one (offline reading and
+the rendering test); otherwise the theme loads mermaid from its CDN as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+from hardway.docgen import discover_lessons, fenced, language_for
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.structure.files import File, Files, InclusionLevel
+from mkdocs.structure.pages import Page
+
+log = logging.getLogger("mkdocs.hooks.lessons")
+
+MERMAID_ENV = "HARDWAY_MERMAID_JS"
+MERMAID_URI = "assets/javascripts/mermaid.min.js"
+SKIPPED_PARTS = {"__pycache__", "node_modules"}
+SKIPPED_SUFFIXES = {".pyc", ".pyo", ".so"}
+
+
+class _Site:
+    """What the hook learned about the repository for the current build."""
+
+    root: Path = Path()
+    lessons: list[Path] = []
+    # repository path (posix, relative) -> page src_uri inside the docs
+    pages: dict[str, str] = {}
+    blob_url: str = ""
+    tree_url: str = ""
+
+
+SITE = _Site()
+
+
+def _lessons_with_readme(root: Path) -> list[Path]:
+    return [lesson for lesson in discover_lessons(root) if (lesson / "README.md").is_file()]
+
+
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
+    SITE.root = Path(config.config_file_path).resolve().parent
+    SITE.lessons = _lessons_with_readme(SITE.root)
+    repo = (config.repo_url or "").rstrip("/")
+    match = re.match(r"(?:edit|blob)/([^/]+)/", config.edit_uri or "")
+    branch = match[1] if match else "main"
+    SITE.blob_url = f"{repo}/blob/{branch}/"
+    SITE.tree_url = f"{repo}/tree/{branch}/"
+
+    lesson_pages = [f"lessons/{lesson.name}/index.md" for lesson in SITE.lessons]
+    for entry in config.nav or []:
+        if isinstance(entry, dict) and "Lessons" in entry:
+            entry["Lessons"] = lesson_pages
+    if os.environ.get(MERMAID_ENV):
+        config.extra_javascript.append(MERMAID_URI)
+    return config
+
+
+def _embedded_files(root: Path) -> list[Path]:
+    """Source files the site shows as pages: every lesson's files and the shared package's."""
+    dirs = [*SITE.lessons, root / "lessons" / "hardway"]
+    found = []
+    for directory in dirs:
+        for path in sorted(directory.rglob("*")):
+            parts = path.relative_to(root).parts
+            if not path.is_file() or SKIPPED_PARTS.intersection(parts):
+                continue
+            if any(part.startswith(".") or part.endswith(".egg-info") for part in parts):
+                continue
+            if path.suffix in SKIPPED_SUFFIXES or path == directory / "README.md":
+                continue
+            found.append(path)
+    return found
+
+
+def _source_page(config: MkDocsConfig, path: Path) -> File | None:
+    relative = path.relative_to(SITE.root).as_posix()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+    lesson = next((les for les in SITE.lessons if path.is_relative_to(les)), None)
+    back = ""
+    if lesson is not None:
+        back_link = posixpath.relpath(
+            f"lessons/{lesson.name}/index.md", posixpath.dirname(relative + ".md")
+        )
+        back = f"From [lesson {lesson.name}]({back_link}). "
+    content = "\n".join(
+        [
+            "---",
+            "search:",
+            "  exclude: true",
+            "hide:",
+            "  - toc",
+            "---",
+            "",
+            f"# {relative}",
+            "",
+            f"{back}[View on GitHub]({SITE.blob_url}{quote(relative)}).",
+            "",
+            fenced(text, language_for(path), options='linenums="1"'),
+            "",
+        ]
+    )
+    file = File.generated(config, relative + ".md", content=content)
+    file.inclusion = InclusionLevel.NOT_IN_NAV
+    file.edit_uri = relative
+    SITE.pages[relative] = relative + ".md"
+    return file
+
+
+def _lesson_page(config: MkDocsConfig, lesson: Path, sources: list[Path]) -> File:
+    src_uri = f"lessons/{lesson.name}/index.md"
+    listing = [
+        f"    - [{path.relative_to(lesson).as_posix()}]({path.relative_to(lesson).as_posix()}.md)"
+        for path in sources
+        if path.is_relative_to(lesson)
+    ]
+    content = "\n".join(
+        [
+            # An absolute path: the page's own directory does not exist on disk, so the
+            # plugin could not resolve "../" through it.
+            f'{{% include-markdown "{lesson / "README.md"}" %}}',
+            "",
+            '??? abstract "Every file of this lesson"',
+            "",
+            *listing,
+            "",
+        ]
+    )
+    file = File.generated(config, src_uri, content=content)
+    # The include plugin rewrites the README's relative links as seen from this path.
+    file.abs_src_path = str(Path(config.docs_dir) / src_uri)
+    file.edit_uri = f"lessons/{lesson.name}/README.md"
+    SITE.pages[f"lessons/{lesson.name}/README.md"] = src_uri
+    SITE.pages[f"lessons/{lesson.name}"] = src_uri
+    return file
+
+
+def on_files(files: Files, config: MkDocsConfig) -> Files:
+    SITE.pages = {"README.md": "index.md"}
+    # Hand-written pages live in docs/: their edit button must say so.
+    for file in files.documentation_pages():
+        if file.generated_by is None:
+            file.edit_uri = f"docs/{file.src_uri}"
+    if files.get_file_from_path("index.md") is not None:
+        files.get_file_from_path("index.md").edit_uri = "README.md"
+
+    sources = _embedded_files(SITE.root)
+    for path in sources:
+        page = _source_page(config, path)
+        if page is not None:
+            files.append(page)
+    for lesson in SITE.lessons:
+        files.append(_lesson_page(config, lesson, sources))
+
+    mermaid = os.environ.get(MERMAID_ENV)
+    if mermaid:
+        files.append(File.generated(config, MERMAID_URI, abs_src_path=mermaid))
+    return files
+
+
+# --- links -----------------------------------------------------------------------------------
+
+FENCE_RE = re.compile(r"^\s*(`{3,}|~{3,})")
+INLINE_CODE_RE = re.compile(r"(`+)(?:.*?[^`])?\1(?!`)")
+LINK_RE = re.compile(r"(?P<head>\]\(\s*<?)(?P<url>[^)\s>]+)(?P<tail>>?(?:\s+\"[^\"]*\")?\s*\))")
+REFERENCE_RE = re.compile(r"^(?P<head>\s{0,3}\[[^\]]+\]:\s*<?)(?P<url>[^\s>]+)(?P<tail>.*)$")
+SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def map_url(url: str, page_src_uri: str, docs_dir: Path) -> str:
+    """Where a relative link written on page `page_src_uri` should point on the site."""
+    if not url or url.startswith(("#", "/")) or SCHEME_RE.match(url):
+        return url
+    path, sep, fragment = url.partition("#")
+    if not path:
+        return url
+    page_dir = docs_dir / posixpath.dirname(page_src_uri)
+    target = Path(os.path.normpath(page_dir / path))
+    if target.is_relative_to(docs_dir) or not target.is_relative_to(SITE.root):
+        return url  # a page of the docs (mkdocs checks it) or something we cannot know
+    relative = target.relative_to(SITE.root).as_posix()
+    suffix = sep + fragment
+
+    mapped = SITE.pages.get(relative)
+    if mapped is not None:
+        return posixpath.relpath(mapped, posixpath.dirname(page_src_uri)) + suffix
+    if target.is_file():
+        return SITE.blob_url + quote(relative) + suffix
+    if target.is_dir():
+        return SITE.tree_url + quote(relative) + suffix
+    lesson = re.match(r"lessons/(\d\d-[^/]+)", relative)
+    if lesson and f"lessons/{lesson[1]}" not in SITE.pages:
+        # The "Next:" link of the newest lesson, before the next lesson has its README.
+        log.info(f"{page_src_uri}: links to lesson {lesson[1]}, which is not written yet")
+        return SITE.blob_url + quote(relative) + suffix
+    log.warning(f"{page_src_uri}: link to '{url}' points at {relative}, which does not exist")
+    return url
+
+
+def rewrite_links(markdown: str, page_src_uri: str, docs_dir: Path) -> str:
+    """Apply `map_url` to every inline and reference link outside code."""
+
+    def sub_link(match: re.Match[str]) -> str:
+        url = map_url(match["url"], page_src_uri, docs_dir)
+        return match["head"] + url + match["tail"]
+
+    def outside_code(text: str) -> str:
+        pieces, last = [], 0
+        for code in INLINE_CODE_RE.finditer(text):
+            pieces.append(LINK_RE.sub(sub_link, text[last : code.start()]))
+            pieces.append(code[0])
+            last = code.end()
+        pieces.append(LINK_RE.sub(sub_link, text[last:]))
+        return "".join(pieces)
+
+    lines = markdown.split("\n")
+    fence: str | None = None
+    for index, line in enumerate(lines):
+        opening = FENCE_RE.match(line)
+        if fence is not None:
+            if opening and opening[1][0] == fence[0] and len(opening[1]) >= len(fence):
+                fence = None
+            continue
+        if opening:
+            fence = opening[1]
+            continue
+        line = REFERENCE_RE.sub(sub_link, line)
+        lines[index] = outside_code(line)
+    return "\n".join(lines)
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    return rewrite_links(markdown, page.file.src_uri, Path(config.docs_dir).resolve())
