@@ -228,6 +228,7 @@ class Querier:
 
     def upsert_concurrency_key(self, *, max_running: int, key: str) -> None:
         """Create a key with its limit, or change an existing key's limit; an unchanged limit writes nothing.
+
         Not `ON CONFLICT DO UPDATE` either: that locks the row even when nothing changes. This
         UPDATE matches no row, and so locks none, unless the limit really changes. (It cannot see a
         row `created` just inserted: the whole statement reads one snapshot.)
@@ -246,6 +247,7 @@ class Querier:
 
     def lock_next_key(self, *, tried: list[str], task_names: list[str]) -> str | None:
         """Claim, statement 1: lock the key that has waited longest among those with work for us.
+
         Round robin: never-served keys first, then the one served longest ago.
         A key another claimer holds is skipped, not waited for: we try the next one. NO KEY UPDATE
         rather than UPDATE: it does not conflict with the KEY SHARE lock that the foreign key check
@@ -267,6 +269,7 @@ class Querier:
         max_tasks: int,
     ) -> list[models.Task]:
         """Claim, statement 2, with the key locked: count its running tasks, claim up to its limit.
+
         The key goes to the back of the line, if it got anything.
         clock_timestamp(), not now(): now() is when the transaction began, before it waited for
         anything; the audit compares start and finish times across workers, and needs the real moment.

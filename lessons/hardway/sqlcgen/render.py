@@ -457,7 +457,13 @@ REGION_MARKER = re.compile(r"^\s*(region:\s*\S+|endregion)\s*$")
 
 
 def _doc_comments(comments: Iterable[str]) -> list[str]:
-    return [line for line in comments if not REGION_MARKER.match(line)]
+    """The query's comments as docstring lines: the line under `-- name:` is the summary.
+
+    sqlc also hands over comment lines written at the start of a line inside the query's SQL
+    (and leaves them out of the SQL text); they become the docstring's body, after a blank line.
+    """
+    lines = [line for line in comments if not REGION_MARKER.match(line)]
+    return lines[:1] + [""] + lines[1:] if len(lines) > 1 else lines
 
 
 def _docstring(comments: Iterable[str], indent: str) -> list[str]:
