@@ -42,8 +42,9 @@ def pg_server_url() -> Iterator[str]:
         yield postgres.server_url()
 
 
-# pytest-xdist runs tests in several processes against one server: names carry the worker id.
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+# pytest-xdist runs tests in several processes against one server, and two pytest sessions may
+# share a server too: database names carry the process id.
+_WORKER = f"p{os.getpid()}"
 _counter = itertools.count()
 
 

@@ -97,7 +97,10 @@ WITH picked AS MATERIALIZED (
     WHERE concurrency_key IS NULL
         AND status = 'queued'
         AND name = ANY (sqlc.arg(task_names)::text[])
-    ORDER BY id
+    -- concurrency_key first, though it is NULL in every row here: the planner does not take
+    -- `IS NULL` as fixing the column, so without it, it would sort all the unkeyed queued tasks
+    -- for every claim, instead of reading the first few entries of tasks_queued in order.
+    ORDER BY concurrency_key, id
     LIMIT sqlc.arg(max_tasks)::integer
     FOR UPDATE SKIP LOCKED
 )
