@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Silences mkdocs-material's end-of-life banner on every build.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint format generate check-generated run docs docs-generate docs-serve db-stop db-reset clean
+.PHONY: install test lint format generate check-generated run bench docs docs-generate docs-serve db-stop db-reset clean
 
 # Reinstall whenever pyproject.toml changes; the stamp file records the last install.
 $(BIN)/.installed: pyproject.toml
@@ -46,6 +46,10 @@ check-generated: install
 
 run: install
 	$(BIN)/python $(LATEST_LESSON)/main.py
+
+# Throughput and latency of the queue (lesson 04's bench.py); not part of the test suite.
+bench: install
+	$(BIN)/python lessons/04-task-queue-improvements/bench.py
 
 docs: install
 	$(BIN)/mkdocs build --strict
