@@ -39,10 +39,16 @@ format: install
 generate: install
 	@for config in $(SQLC_CONFIGS); do echo "sqlc generate -f $$config"; $(BIN)/sqlc generate -f $$config || exit 1; done
 
-# Fails when committed generated code differs from what sqlc generates now, or when sqlc
-# rejects a query against its schema.
+# Fails when committed generated code differs from what sqlc generates now (a changed, missing
+# or extra file in db/), or when sqlc rejects a query against its schema. Each lesson's sql/ is
+# generated afresh in a scratch directory and compared with the committed db/.
 check-generated: install
-	@for config in $(SQLC_CONFIGS); do $(BIN)/sqlc diff -f $$config || { echo "generated code for $$config is stale: run 'make generate'"; exit 1; }; done
+	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	for config in $(SQLC_CONFIGS); do \
+		lesson=$$(dirname $$(dirname $$config)); rm -rf "$$scratch"/*; cp -r $$lesson/sql "$$scratch/sql"; \
+		$(BIN)/sqlc generate -f "$$scratch/sql/sqlc.yaml" || { echo "sqlc rejected $$lesson/sql"; exit 1; }; \
+		diff -r -x __pycache__ "$$scratch/db" $$lesson/db || { echo "generated code in $$lesson/db is stale: run 'make generate'"; exit 1; }; \
+	done; echo "generated code is up to date ($(words $(SQLC_CONFIGS)) lessons)"
 
 run: install
 	$(BIN)/python $(LATEST_LESSON)/main.py
