@@ -1,0 +1,593 @@
+"""The worker: claim tasks for its free slots, run their functions, record what happened. Repeat.
+
+A worker has `slots`: it runs at most that many tasks at once, on a pool of that many threads,
+and claims only as many tasks as it has slots free. One loop thread does all the database work
+on the worker's one connection:
+
+1. record: one statement writes the outputs of all the tasks finished since the last turn
+   (completed), one per error (the task is retried after a backoff, or fails for good, at
+   once if its function diverged from its history), all fenced by the attempt number: a
+   worker that lost its lease can no longer write;
+2. heartbeat: every lease/3 seconds, one statement extends the leases of all the tasks it runs,
+   and learns which it no longer owns (cancelled, or taken over); attempts that overran their
+   timeout are failed;
+3. claim: one transaction makes due scheduled tasks queued, fails the attempts whose lease ran
+   out (their worker died), then turns up to `free slots` queued tasks into running ones, each
+   with a new attempt and a lease, serving concurrency keys in turn and never starting more of
+   a key's tasks than its limit allows;
+4. hand the claimed tasks to the thread pool, which runs their functions outside any
+   transaction; then wait until a task finishes, a heartbeat is due, or a poll interval passes.
+
+Lesson 07: a durable task that waits for unfinished children suspends itself (durable.py): its
+function returns early, and its slot is free. The worker records nothing for it. A child's end
+is recorded together with its parent's wake-up, in one transaction that locks both rows,
+parent first (the locking rule, queries.sql): the last awaited child to finish queues its
+parent again, and any worker claims it and replays it.
+
+Run it as a process of its own (to kill it): `python worker.py --name worker-A` (see main()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from db.models import Task, TaskStatus
+from db.queries import Querier
+from durable import DurableContext, describe_error
+from engine import Engine, check_json
+from psycopg_pool import ConnectionPool
+from task_context import (
+    LeaseLostError,
+    TaskCancelled,
+    TaskContext,
+    TaskStopped,
+    TaskSuspended,
+    TaskTimeout,
+    run_in_context,
+)
+
+log = logging.getLogger(__name__)
+
+# How long the loop waits, once a task has finished, for more to finish before it records them
+# and claims again. Nothing for a task that takes seconds; for tasks of a few microseconds, it
+# is the difference between one turn of the loop per task and one per slot-full.
+LINGER = 0.002  # seconds
+
+# What _execute returns for a durable task that suspended itself: the database has it already.
+SUSPENDED = object()
+TaskAndParent = tuple[int, int | None]  # a task's id, and its parent's if it is a child
+
+
+class Worker:
+    """Runs the tasks of one Engine's registry, up to `slots` at a time, on its own connection.
+
+    Run several Workers (threads, processes or machines) against the same database: the claim
+    hands each task to one of them at a time, no concurrency key ever has more than its
+    `max_running` tasks running, and the lease hands a task to another worker if its own dies.
+
+    `slots=1` by default: without the argument a worker behaves as in lesson 02, one task at a
+    time. How many to give it depends on the tasks (threads suit tasks that wait on I/O), so
+    the caller says.
+
+    `lease` (seconds) is how long the other workers wait before they decide that a worker which
+    has stopped heartbeating is dead, and take its tasks over. Too long, and a crashed worker's
+    tasks wait that long; too short, and a worker that is only slow (a long GC pause, a
+    saturated machine) loses tasks it is still running.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str = "worker",
+        slots: int = 1,
+        poll_interval: float = 0.5,
+        *,
+        lease: float = 30.0,
+        chores_limit: int = 100,
+    ) -> None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        if not 0 < lease <= 86400:
+            raise ValueError(f"lease must be more than 0 and at most 86400 seconds, got {lease!r}")
+        self.engine = engine
+        self.name = name
+        self.slots = slots
+        self.poll_interval = poll_interval
+        self.lease = lease
+        # A third of the lease: two heartbeats in a row may fail (a slow query, a network
+        # blip) before the lease runs out and another worker takes the task over.
+        self.heartbeat_interval = lease / 3
+        # How many tasks one claim promotes, and reclaims, at most: a claim stays short even
+        # when ten thousand tasks come due at once, or after a crash of many workers.
+        self.chores_limit = chores_limit
+        self._chores_due = 0.0  # time.monotonic() of the next chores: the first claim does them
+
+    def connect(self) -> psycopg.Connection:
+        """The worker's own connection, in autocommit mode: each statement commits at once.
+
+        Its own, not one borrowed from the Engine's pool per task: a worker uses it all the time.
+        One, however many slots: only the loop thread talks to the database; the pool threads
+        only run functions. application_name puts the worker's name in pg_stat_activity, so
+        `SELECT application_name, state, query FROM pg_stat_activity` shows who is doing what.
+        """
+        return psycopg.connect(
+            self.engine.database_url, autocommit=True, application_name=self.name
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Claim and run tasks until `stop` is set, then finish (and record) those in hand.
+
+        Polling is the simplest way to hear about new tasks; LISTEN/NOTIFY comes later.
+        """
+        self._loop(stop, until_idle=False)
+
+    def run_until_idle(self) -> int:
+        """Claim and run tasks until none is left that this worker can run; return how many ran.
+
+        "None left" means none queued: other workers may still be running theirs. A queued task
+        whose key is at its limit is not "none left": the worker waits for the key to free up.
+        Nor is a task waiting for its run_at (a retry's backoff, a scheduled task): it waits.
+        """
+        return self._loop(threading.Event(), until_idle=True)
+
+    # region: loop
+    def _loop(self, stop: threading.Event, until_idle: bool) -> int:
+        ran = 0
+        running: dict[Future, tuple[Task, TaskContext]] = {}
+        next_beat = time.monotonic() + self.heartbeat_interval
+        with (
+            self.connect() as conn,
+            ThreadPoolExecutor(self.slots, thread_name_prefix=self.name) as pool,
+            self.step_connections() as steps,
+        ):
+            while running or not stop.is_set():
+                # Record finished tasks before claiming: a slot is free again only once its
+                # task's finish time is written, so the table never shows this worker running
+                # more than `slots` tasks at once (the tests audit exactly that).
+                finished = [f for f in running if f.done()]
+                if finished:
+                    results = [(*running.pop(f), *f.result()) for f in finished]
+                    # Lesson 07: a suspended task has nothing to record; a child's end is
+                    # recorded with its parent's wake-up (ending()).
+                    results = [result for result in results if result[2] is not SUSPENDED]
+                    with self.ending(conn, [(r[0].id, r[0].parent_id) for r in results]):
+                        self._record(conn, results)
+                    ran += len(finished)
+                contexts = [context for _, context in running.values()]
+                self._enforce_timeouts(conn, contexts)
+                if contexts and time.monotonic() >= next_beat:
+                    self._heartbeat(conn, contexts)
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                claimed = []
+                free = self.slots - len(running)
+                if free and not stop.is_set():
+                    claimed = self.claim(conn, free)
+                    for task in claimed:
+                        context = self.context(task, steps)
+                        running[pool.submit(self._execute, task, context)] = (task, context)
+                if until_idle and not running and not claimed:
+                    if not Querier(conn).queued_task_exists(task_names=list(self.engine.registry)):
+                        break
+                # Wake up as soon as one of our tasks finishes (its slot is free again), a
+                # heartbeat or a timeout is due, or after the poll interval: new tasks, or room
+                # under a key's limit made by another worker, are only seen by asking again.
+                if running:
+                    deadlines = [c.deadline for _, c in running.values() if not c.stopped]
+                    soonest = min([next_beat, *deadlines]) - time.monotonic()
+                    timeout = max(0.0, min(self.poll_interval, soonest))
+                    done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+                    if done and len(done) < len(running):
+                        # Linger a moment for the others: short tasks finish in bursts, and
+                        # recording ten in one turn costs what recording one does.
+                        wait(running, timeout=LINGER)
+                else:
+                    next_beat = time.monotonic() + self.heartbeat_interval
+                    stop.wait(self.poll_interval)
+        return ran
+
+    # endregion
+
+    def context(self, task: Task, steps: ConnectionPool) -> TaskContext:
+        """Lesson 07: a durable task's context keeps its log (durable.py): steps, spawns, waits,
+        appended and replayed. A regular task's is lesson 04's: no log, it just runs."""
+        if task.name in self.engine.durable:
+            return DurableContext(steps, task.id, task.attempts, task.timeout, self.engine)
+        return TaskContext(task.id, task.attempts, task.timeout, task.parent_id)
+
+    def step_connections(self) -> ConnectionPool:
+        """Connections for the functions' steps (durable.py): one per slot at most, on demand.
+
+        Not the loop's connection: the functions run on the pool threads while the loop claims
+        and heartbeats, and a connection runs one statement at a time. One per slot, so that a
+        step never waits for a connection; none opened for tasks that take no steps.
+        """
+        return ConnectionPool(
+            self.engine.database_url,
+            min_size=0,
+            max_size=self.slots,
+            kwargs={"autocommit": True, "application_name": f"{self.name}-steps"},
+            open=True,
+        )
+
+    # region: claim
+    def claim(self, conn: psycopg.Connection, max_tasks: int) -> list[Task]:
+        """Claim up to `max_tasks` queued tasks this worker can run: keys take turns, limits hold.
+
+        One transaction: a key row locked in it stays locked until the tasks claimed under it
+        are committed as running. It starts with two chores, each bounded to a few tasks:
+
+        - promote: scheduled tasks whose run_at has come become queued (claimable);
+        - reclaim: running tasks whose lease ran out have their attempt failed, and are retried
+          or failed for good. This is the only place that happens, so there is no reaper process
+          to deploy, watch and forget: as long as any worker claims, abandoned tasks come back.
+
+        Then, for each key in turn, two statements:
+
+        1. lock the key row that has waited longest (FOR NO KEY UPDATE SKIP LOCKED);
+        2. in a NEW statement, count the key's running tasks and claim at most the difference.
+
+        Statement 2 must be a new statement. Under READ COMMITTED every statement reads a
+        snapshot taken when it starts. Statement 2 starts after we hold the lock, and every
+        earlier claimer of this key held the same lock until it committed, so its claims are in
+        our snapshot. Counting inside statement 1 would read a snapshot taken before the lock
+        was granted, and could miss the claims of the claimer that just released it.
+
+        Tasks without a key come last, with whatever slots the keys left.
+        """
+        queries = Querier(conn)
+        names = list(self.engine.registry)
+        lease = datetime.timedelta(seconds=self.lease)
+        claimed: list[Task] = []
+        tried: list[str] = []  # keys already served (and still locked by us) in this claim
+        with conn.transaction():
+            # The chores, at most once per poll interval: a busy worker turns its loop a thousand
+            # times a second, and neither chore needs to run that often.
+            if time.monotonic() >= self._chores_due:
+                self._chores_due = time.monotonic() + self.poll_interval
+                queries.promote_due_tasks(max_tasks=self.chores_limit)
+                reclaimed = queries.reclaim_expired_leases(max_tasks=self.chores_limit)
+                for row in reclaimed:
+                    then = "retry scheduled" if row.status == TaskStatus.SCHEDULED else "failed"
+                    log.warning(
+                        "%s: task %s attempt %s on %s: lease expired (worker presumed dead); %s",
+                        *(self.name, row.id, row.attempts, row.worker, then),
+                    )
+                # Lesson 07: a child that failed for good there wakes its parent. The reclaim
+                # locked the parents' rows (or skipped the child); this is a new statement.
+                if parents := [r.parent_id for r in reclaimed if r.status == TaskStatus.FAILED]:
+                    queries.wake_parents(ids=[p for p in parents if p is not None])
+            while len(claimed) < max_tasks:
+                key = queries.lock_next_key(tried=tried, task_names=names)
+                if key is None:
+                    break
+                tried.append(key)
+                claimed += queries.claim_key_tasks(
+                    key=key,
+                    worker=self.name,
+                    task_names=names,
+                    max_tasks=max_tasks - len(claimed),
+                    lease=lease,
+                )
+            if len(claimed) < max_tasks:
+                claimed += queries.claim_unkeyed_tasks(
+                    worker=self.name,
+                    task_names=names,
+                    max_tasks=max_tasks - len(claimed),
+                    lease=lease,
+                )
+        return claimed
+
+    # endregion
+
+    # region: heartbeat
+    def _heartbeat(self, conn: psycopg.Connection, contexts: list[TaskContext]) -> None:
+        """Extend the leases of every attempt still on, with ONE statement, however many.
+
+        An attempt the database did not extend is no longer ours: it was cancelled, or our
+        lease ran out and another worker took it over. Its function is told, through its
+        context; whatever it returns will be refused by the fence in CompleteTasks.
+        """
+        live = [context for context in contexts if not context.stopped]
+        if not live:
+            return
+        kept = Querier(conn).extend_leases(
+            lease=datetime.timedelta(seconds=self.lease),
+            ids=[context.task_id for context in live],
+            attempts=[context.attempt for context in live],
+        )
+        for context in live:
+            if context.task_id not in kept:
+                context.stop(self._why_lost(conn, context))
+
+    # endregion
+
+    # region: timeouts
+    def _enforce_timeouts(self, conn: psycopg.Connection, contexts: list[TaskContext]) -> None:
+        """Fail the attempts that overran their timeout, at once.
+
+        At once, rather than when the function returns: a hung call would otherwise keep its
+        task (and, through heartbeats, its lease) forever. The thread goes on running it, since
+        Python cannot kill a thread, until the function checks its context or returns.
+        """
+        now = time.monotonic()
+        for context in contexts:
+            if context.stopped or now < context.deadline:
+                continue
+            limit = context.timeout.total_seconds()
+            timeout = TaskTimeout(f"attempt exceeded its timeout of {limit:g}s")
+            with self.ending(conn, [(context.task_id, context.parent_id)]):
+                failed = Querier(conn).fail_attempt(
+                    retryable=True,
+                    error=describe_error(timeout),
+                    id=context.task_id,
+                    attempt=context.attempt,
+                )
+            context.stop(timeout if failed else self._why_lost(conn, context))
+
+    # endregion
+
+    def _why_lost(self, conn: psycopg.Connection, context: TaskContext) -> TaskStopped:
+        """Cancelled, or taken over? One more query, on this rare path only."""
+        task = Querier(conn).get_task(id=context.task_id)
+        if task is not None and task.status == TaskStatus.CANCELLED:
+            return TaskCancelled(f"task {context.task_id} was cancelled")
+        return LeaseLostError(
+            f"task {context.task_id}: attempt {context.attempt} lost its lease"
+            " (another worker took the task over)"
+        )
+
+    # region: execute
+    def _execute(self, task: Task, context: TaskContext) -> tuple[Any, str | None]:
+        """Run the task's function (on a pool thread); return (output, None) or (None, error).
+
+        Lesson 07: (SUSPENDED, None) for a durable task that suspended itself to wait.
+        """
+        function = self.engine.registry[task.name]  # the claim only returns names we registered
+        durable = isinstance(context, DurableContext)  # lesson 07: or a regular task (no log)
+        error = None
+        try:
+            output = run_in_context(context, function, task.input)
+            # Lesson 06: a function that returned must have made every call its history holds.
+            if durable:
+                context.finish()
+        except TaskSuspended as suspended:
+            # Lesson 07: waiting for its children. Committed already (durable.py): the attempt
+            # is over, nothing to record, and the slot is free once this returns.
+            log.info("%s: %s", self.name, suspended)
+            return SUSPENDED, None
+        # Exception, not BaseException: Ctrl-C (KeyboardInterrupt) stops the worker rather than
+        # failing the task. The task's lease then runs out, and another worker retries it.
+        except Exception as err:
+            error = describe_error(err)
+        finally:
+            if durable and context.replayed:
+                # A retry that found history: how much of the function's work the log saved.
+                # (Lesson 07: what ran may be spawns and waits too, not only steps.)
+                log.info(
+                    "%s: task %s attempt %s: %s events replayed from the log, %s run",
+                    *(self.name, task.id, task.attempts, context.replayed, context.ran),
+                )
+        if durable and context.diverged is not None:
+            # Lesson 06: however the function ended (it may have caught the error, and returned
+            # or raised another), a run that diverged from its history fails with that reason.
+            return None, describe_error(context.diverged)
+        if error is not None:
+            return None, error
+        # Checked before writing, so the reason is ours ("a set is not JSON"), not a driver
+        # error that would crash the worker and leave the task running.
+        try:
+            check_json(output)
+        except (TypeError, ValueError) as err:
+            return None, f"return value is not JSON-serializable: {err}"
+        return output, None
+
+    # endregion
+
+    # region: record
+    def _record(
+        self, conn: psycopg.Connection, results: list[tuple[Task, TaskContext, Any, str | None]]
+    ) -> None:
+        """Write finished tasks' outcomes (on the loop thread, which owns the connection).
+
+        All the completions with one statement: with many slots and short tasks, dozens finish
+        between two turns of the loop, and one commit for all of them instead of one each is
+        most of this worker's speed. Failures one by one: each has its retry to schedule.
+        """
+        completed = [
+            (task, context, output) for task, context, output, error in results if error is None
+        ]
+        lost = []
+        if completed:
+            recorded = set(
+                Querier(conn).complete_tasks(
+                    done=[
+                        {"id": task.id, "attempt": task.attempts, "output": output}
+                        for task, _, output in completed
+                    ]
+                )
+            )
+            lost += [(task, context) for task, context, _ in completed if task.id not in recorded]
+        for task, context, _, error in results:
+            if error is not None:
+                try:
+                    # Lesson 06: a divergence is not retried: the same code would diverge again.
+                    diverged = isinstance(context, DurableContext) and context.diverged
+                    self.fail(conn, task, error, retryable=not diverged)
+                except LeaseLostError:
+                    lost.append((task, context))
+        for task, context in lost:
+            # Too late to undo the run, but its result does not overwrite the current attempt's.
+            # Cancelled and timed-out attempts end here as expected; a lease taken over means
+            # this worker stalled for longer than the lease, which deserves a warning.
+            reason = context.reason or self._no_longer_current(task)
+            level = logging.WARNING if isinstance(reason, LeaseLostError) else logging.INFO
+            log.log(level, "%s: %s; result dropped", self.name, reason)
+
+    # endregion
+
+    # region: ending
+    @contextmanager
+    def ending(self, conn: psycopg.Connection, tasks: list[TaskAndParent]) -> Iterator[None]:
+        """Lesson 07: end these tasks' attempts (the with block) and wake their parents.
+
+        `tasks` are (task id, parent id) pairs. If any is a child: one transaction, which
+        locks the tasks and their parents in id order, parents first (the locking rule,
+        queries.sql), then ends the attempts, then, in a new statement, queues each suspended
+        parent whose awaited children have all finished now. Both commit together: a worker
+        that dies in between leaves neither, never a finished child with its parent asleep.
+        Tasks without a parent skip all that: lesson 04's one statement, as before.
+        """
+        parents = sorted({parent for _, parent in tasks if parent is not None})
+        if not parents:
+            yield
+            return
+        with conn.transaction():
+            queries = Querier(conn)
+            queries.lock_tasks(ids=sorted({*parents, *(task for task, _ in tasks)}))
+            yield
+            woken = queries.wake_parents(ids=parents)
+        for parent in woken:
+            log.info("%s: task %s: its children have finished; queued to resume", self.name, parent)
+
+    # endregion
+
+    def complete(self, conn: psycopg.Connection, task: Task, output: Any) -> None:
+        """Record one output; LeaseLostError if this attempt is no longer the task's current one."""
+        done = [{"id": task.id, "attempt": task.attempts, "output": output}]
+        if not Querier(conn).complete_tasks(done=done):
+            raise self._no_longer_current(task)
+
+    def fail(
+        self, conn: psycopg.Connection, task: Task, error: str, retryable: bool = True
+    ) -> None:
+        """Record the error: the task waits out a backoff and is retried, or fails for good."""
+        result = Querier(conn).fail_attempt(
+            retryable=retryable, error=error, id=task.id, attempt=task.attempts
+        )
+        if result is None:
+            raise self._no_longer_current(task)
+        if result.status == TaskStatus.SCHEDULED:
+            log.info(
+                "%s: task %s attempt %s: %s; retry in %.2fs",
+                *(self.name, task.id, task.attempts, error, result.retry_in.total_seconds()),
+            )
+        elif not retryable:
+            log.warning(
+                "%s: task %s attempt %s: %s; failed for good: it would diverge again",
+                *(self.name, task.id, task.attempts, error),
+            )
+
+    @staticmethod
+    def _no_longer_current(task: Task) -> LeaseLostError:
+        return LeaseLostError(
+            f"task {task.id}: attempt {task.attempts} is no longer current"
+            " (cancelled, timed out, or taken over by another worker)"
+        )
+
+
+# --- a worker process ----------------------------------------------------------------------------
+
+LESSON_DIR = Path(__file__).resolve().parent
+
+
+def lesson_database_url() -> str:
+    """The lesson's database as main.py created it (here never re-created: it holds the queue).
+
+    On DATABASE_URL's server or the embedded one, as for main.py; LESSON_DBNAME picks another
+    database on it (the tests use that).
+    """
+    from hardway.postgres import DatabaseUnavailable, database_url, lesson_dbname, server_url
+
+    dbname = os.environ.get("LESSON_DBNAME") or lesson_dbname(LESSON_DIR.name)
+    try:
+        url = database_url(server_url(), dbname)
+        psycopg.connect(url).close()
+    except DatabaseUnavailable as err:
+        raise SystemExit(f"error: {err}") from None
+    except psycopg.OperationalError as err:
+        reason = str(err).strip().splitlines()[-1]
+        raise SystemExit(
+            f"error: cannot connect to database {dbname} ({reason});"
+            " run `python main.py` once to create it"
+        ) from None
+    return url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run a worker until SIGTERM or Ctrl-C.")
+    parser.add_argument("--name", default=f"worker-{os.getpid()}")
+    parser.add_argument("--tasks", default="demo_tasks", help="module with register(engine)")
+    parser.add_argument("--slots", type=int, default=1)
+    parser.add_argument("--lease", type=float, default=30.0, help="seconds")
+    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds")
+    args = parser.parse_args(argv)
+    if args.slots < 1 or args.lease <= 0 or args.poll_interval <= 0:
+        parser.error("--slots must be at least 1, --lease and --poll-interval more than 0")
+    try:
+        tasks = importlib.import_module(args.tasks)
+    except ModuleNotFoundError as err:
+        if err.name != args.tasks:
+            raise  # the module exists, and it is one of its imports that is missing
+        parser.error(f"--tasks: no module named {args.tasks!r} beside worker.py")
+    # This worker's own log at INFO (retries, reclaimed leases); other libraries' at WARNING.
+    logging.basicConfig(format="%(message)s")
+    log.setLevel(logging.INFO)
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        # SIGTERM (what `kill`, systemd and Kubernetes send) or Ctrl-C: stop claiming, finish
+        # the tasks in hand, exit. A second one: exit now, and let the leases run out. SIGKILL
+        # (`kill -9`) cannot be caught at all: that is what leases are for.
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with Engine(lesson_database_url()) as engine:
+        tasks.register(engine)
+        worker = Worker(engine, args.name, args.slots, args.poll_interval, lease=args.lease)
+        print(
+            f"{worker.name} (pid {os.getpid()}) runs {', '.join(engine.registry)}", file=sys.stderr
+        )
+        # The loop runs on a thread of its own, and the main thread only waits for it. Python
+        # runs signal handlers on the main thread: were the loop there, the handler could
+        # interrupt it inside stop.wait(), holding the lock that stop.set() needs: a deadlock.
+        # A daemon thread, so that a second Ctrl-C ends the process without waiting for it.
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run(stop)
+            except BaseException as err:  # the traceback is printed; the exit status says so
+                failed.append(err)
+                raise
+
+        loop = threading.Thread(target=run, name=worker.name, daemon=True)
+        loop.start()
+        try:
+            while loop.is_alive():
+                loop.join(0.5)
+        except KeyboardInterrupt:
+            raise SystemExit(f"{worker.name}: stopped at once; its leases will run out") from None
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

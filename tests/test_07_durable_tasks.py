@@ -1,0 +1,767 @@
+"""Lesson 07: durable tasks that spawn regular tasks as children and suspend while they wait.
+
+The wake-up race is tested deterministically: a connection of the test holds the parent's row
+lock while the parent's suspension and the child's completion line up behind it, watched in
+pg_stat_activity, and then lets them through in a chosen order. The crash between a child's
+INSERT and its spawn event is a real one: the worker process kills itself there with SIGKILL.
+"Ran once" is never taken from the logs alone: the children count their own runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from harness import import_lesson, lesson_dir, lesson_env, run_main, wait_until
+from psycopg import conninfo
+
+LESSON = "07-durable-tasks"
+L = import_lesson(
+    LESSON,
+    "engine",
+    "worker",
+    "durable",
+    "task_context",
+    "demo_tasks",
+    "inspect_task",
+    "db.models",
+    "db.queries",
+)
+Engine, Worker = L.engine.Engine, L.worker.Worker
+current_task = L.task_context.current_task
+TaskCancelled = L.task_context.TaskCancelled
+ChildTaskError, NonDeterminismError = L.durable.ChildTaskError, L.durable.NonDeterminismError
+TaskStatus, AttemptStatus, EventKind = (
+    L.db_models.TaskStatus,
+    L.db_models.AttemptStatus,
+    L.db_models.EventKind,
+)
+XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+@pytest.fixture
+def url(lesson_db) -> str:
+    return lesson_db(LESSON)
+
+
+@pytest.fixture
+def engine(url):
+    with Engine(url) as engine:
+        yield engine
+
+
+@contextmanager
+def running(*workers):
+    """Run workers in threads (`worker.run(stop)`) for the duration of a with block."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(worker) -> None:
+        try:
+            worker.run(stop)
+        except BaseException as err:  # a deadlock, say: reported by the test, not lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(w,), name=w.name) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker did not stop"
+    assert not errors, errors
+
+
+def worker(engine, name: str = "w", **options):
+    return Worker(engine, name, poll_interval=options.pop("poll_interval", 0.02), **options)
+
+
+def sql(url: str, query: str, *params):
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else cur.rowcount
+
+
+def statuses(tasks) -> list[str]:
+    return [str(task.status) for task in tasks]
+
+
+def spawn_events(url: str, parent: int) -> list[int]:
+    rows = sql(
+        url,
+        "SELECT child_id FROM task_events WHERE task_id = %s AND kind = 'child_spawned'"
+        " ORDER BY replay, seq",
+        parent,
+    )
+    return [child for (child,) in rows]
+
+
+# --- suspend and resume ------------------------------------------------------------------------
+
+
+def test_a_parent_waiting_for_its_child_completes_on_a_single_slot(url, engine):
+    runs = Counter()
+
+    @engine.task("add_one")
+    def add_one(n):
+        runs["add_one"] += 1
+        return n + 1
+
+    @engine.durable_task("parent")
+    def parent(n):
+        ctx = current_task()
+        return ctx.wait(ctx.spawn("add_one", n)) * 10
+
+    task_id = engine.enqueue("parent", 4)
+    # ONE slot: the parent must give it up while it waits, or its child never runs.
+    with running(worker(engine, slots=1)):
+        task = engine.wait(task_id, timeout=30)
+    assert (task.status, task.output, task.suspensions) == (TaskStatus.COMPLETED, 50, 1)
+    assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
+    (child,) = engine.children(task_id)
+    assert (child.status, child.output, child.parent_id) == (TaskStatus.COMPLETED, 5, task_id)
+    assert runs == {"add_one": 1}
+    # The audit: never two tasks running at once on the one slot, from the attempts' times.
+    with psycopg.connect(url) as conn:
+        (most,) = L.db_queries.Querier(conn).most_running_per_worker()
+    assert most.most_at_once == 1
+    # Retention: the child goes with its parent (one task deleted, its child with it).
+    assert engine.cleanup(older_than=0) == 1
+    assert engine.get(task_id) is None and engine.get(child.id) is None
+
+
+def test_fan_out_50_children_and_fan_in(url, engine):
+    runs = Counter()
+
+    @engine.task("square")
+    def square(n):
+        runs[n] += 1
+        time.sleep(0.02)
+        return n * n
+
+    @engine.durable_task("fan_out")
+    def fan_out(n):
+        ctx = current_task()
+        handles = [ctx.spawn("square", i) for i in range(n)]
+        return sum(ctx.wait_all(handles))
+
+    task_id = engine.enqueue("fan_out", 50)
+    workers = [worker(engine, f"w{i}", slots=4, lease=30) for i in range(3)]
+    with running(*workers):
+        task = engine.wait(task_id, timeout=60)
+    assert (task.status, task.output) == (TaskStatus.COMPLETED, sum(i * i for i in range(50)))
+    children = engine.children(task_id)
+    assert [c.input for c in children] == list(range(50))
+    assert all(c.status == TaskStatus.COMPLETED and c.attempts == 1 for c in children)
+    assert runs == {i: 1 for i in range(50)}
+    assert len({c.worker for c in children}) > 1  # the children were shared out
+    # The log: 50 spawns, then 50 outcomes, in spawn order, whatever order they finished in.
+    events = engine.events(task_id)
+    assert [(e.seq, e.kind) for e in events] == [
+        *((n, EventKind.CHILD_SPAWNED) for n in range(1, 51)),
+        *((n, EventKind.CHILD_COMPLETED) for n in range(51, 101)),
+    ]
+    assert [e.child_id for e in events[50:]] == [c.id for c in children]
+    assert [e.result for e in events[50:]] == [i * i for i in range(50)]
+    # Woken once, when the LAST child had finished: not once per child.
+    attempts = engine.attempts(task_id)
+    assert statuses(attempts) == ["suspended", "completed"]
+    assert attempts[1].started_at >= max(c.finished_at for c in children)
+    with psycopg.connect(url) as conn:
+        most = L.db_queries.Querier(conn).most_running_per_worker()
+    assert all(row.most_at_once <= 4 for row in most)
+
+
+def test_a_suspended_task_does_not_count_against_its_concurrency_key(engine):
+    release = threading.Event()
+
+    @engine.task("slow")
+    def slow(input):
+        release.wait(60)
+        return "slow"
+
+    @engine.task("other")
+    def other(input):
+        return "other"
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_task()
+        return ctx.wait(ctx.spawn("slow"))
+
+    first = engine.enqueue("parent", concurrency_key="k", max_running=1)
+    second = engine.enqueue("other", concurrency_key="k", max_running=1)
+    with running(worker(engine, slots=3)):
+        # The key allows one running task. The parent takes it, then suspends: the key's
+        # place is free again, and the other task of the key runs while the parent waits.
+        assert engine.wait(second, timeout=30).status == TaskStatus.COMPLETED
+        assert engine.get(first).status == TaskStatus.SUSPENDED
+        release.set()
+        assert engine.wait(first, timeout=30).output == "slow"
+
+
+def test_a_child_that_fails_raises_child_task_error_in_the_parent_on_every_replay(engine):
+    caught = []
+
+    @engine.task("flaky", max_attempts=2, backoff=0.01)
+    def flaky(input):
+        raise ValueError(f"broken on attempt {current_task().attempt}")
+
+    @engine.durable_task("parent", backoff=0.01)
+    def parent(input):
+        ctx = current_task()
+        child = ctx.spawn("flaky")
+        try:
+            ctx.wait(child)
+        except ChildTaskError as err:
+            caught.append((ctx.attempt, str(err)))
+            ctx.step("apologise", lambda: "sorry")
+        if ctx.attempt == 2:
+            raise RuntimeError("crash after handling the failure")
+        return "handled"
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, slots=2)):
+        task = engine.wait(task_id, timeout=30)
+    (child,) = engine.children(task_id)
+    message = f"child task {child.id} ('flaky') failed: ValueError: broken on attempt 2"
+    # Attempt 1 suspended; attempt 2 recorded the failure and crashed; attempt 3 replayed it.
+    assert caught == [(2, message), (3, message)]
+    assert (task.status, task.output, task.attempts) == (TaskStatus.COMPLETED, "handled", 3)
+    assert [(e.kind, e.error) for e in engine.events(task_id)] == [
+        (EventKind.CHILD_SPAWNED, None),
+        (EventKind.CHILD_FAILED, "ValueError: broken on attempt 2"),
+        (EventKind.STEP_COMPLETED, None),
+    ]
+    assert child.attempts == 2  # the child's own retries, not the parent's
+
+
+def test_spawn_and_wait_misuse_is_refused_with_clear_errors(engine):
+    errors = []
+
+    @engine.task("tool")
+    def tool(input):
+        return input
+
+    @engine.durable_task("other")
+    def other(input):
+        return None
+
+    @engine.durable_task("parent", max_attempts=1)
+    def parent(input):
+        ctx = current_task()
+        for name, value in (("nope", None), ("other", None), ("tool", {1, 2})):
+            try:
+                ctx.spawn(name, value)
+            except (LookupError, ValueError) as err:
+                errors.append((ctx.attempt, f"{type(err).__name__}: {err}"))
+        try:
+            ctx.wait(L.durable.ChildHandle(12345, "tool"))
+        except ValueError as err:
+            errors.append((ctx.attempt, str(err)))
+        return ctx.wait(ctx.spawn("tool", "fine"))
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, slots=2)):
+        task = engine.wait(task_id, timeout=30)
+    refused = [
+        "UnknownTaskError: no task named 'nope' is registered (regular: tool)",
+        "ValueError: 'other' is a durable task: children are regular tasks",
+        "TaskInputError: input of child 'tool' is not JSON-serializable:"
+        " Object of type set is not JSON serializable",
+        "ChildHandle(task_id=12345, name='tool') is not a child this task spawned",
+    ]
+    # Refused on both runs: the second, after the suspension, runs the same code again.
+    assert errors == [(1, error) for error in refused] + [(2, error) for error in refused]
+    assert (task.status, task.output) == (TaskStatus.COMPLETED, "fine")
+    assert len(engine.children(task_id)) == 1  # the refused spawns wrote nothing
+
+
+def test_a_replay_that_spawns_another_child_diverges(engine):
+    deployed = {"tool": "search"}
+
+    for name in ("search", "browse"):
+        engine.task(name)(lambda input: "done")
+
+    @engine.durable_task("parent", backoff=0.01)
+    def parent(input):
+        ctx = current_task()
+        ctx.spawn(deployed["tool"])
+        if ctx.attempt == 1:
+            deployed["tool"] = "browse"  # a deploy, between the attempt and its retry
+            raise RuntimeError("crash")
+        return "done"
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, slots=2)):
+        task = engine.wait(task_id, timeout=30)
+    assert task.status == TaskStatus.FAILED and task.attempts == 2
+    assert "NonDeterminismError" in task.error
+    assert "expected ctx.spawn() of a 'search' child" in task.error
+    assert "but the code asked for ctx.spawn() of a 'browse' child" in task.error
+    assert [c.name for c in engine.children(task_id)] == ["search"]  # no second child
+
+
+# --- the wake-up race, deterministically ------------------------------------------------------
+
+
+def blocked(url: str, application: str, query: str) -> bool:
+    """Whether a session of `application` waits for a lock in a statement like `query`."""
+    rows = sql(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        " AND wait_event_type = 'Lock' AND query LIKE %s",
+        application,
+        f"%{query}%",
+    )
+    return rows[0][0] == 1
+
+
+@pytest.mark.parametrize("first", ["suspension", "completion", "suspension-uncommitted"])
+def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, monkeypatch, first):
+    """The suspension and the child's end both lock the parent's row. The test lines them up
+    behind a lock it holds itself (or pauses the suspension before its commit), watches them
+    wait in pg_stat_activity, and lets go: every order ends with the parent completed."""
+    parent_ready, parent_go, child_go = threading.Event(), threading.Event(), threading.Event()
+    decided, commit = threading.Event(), threading.Event()
+
+    @engine.task("child")
+    def child(input):
+        child_go.wait(60)
+        return "child done"
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_task()
+        handle = ctx.spawn("child")
+        if ctx.attempt == 1:
+            parent_ready.set()
+            parent_go.wait(60)
+        return ctx.wait(handle)
+
+    suspend_task = L.db_queries.Querier.suspend_task
+
+    def suspend_then_pause(self, **kwargs):
+        row = suspend_task(self, **kwargs)  # decided, the row locked, not committed yet
+        decided.set()
+        commit.wait(60)
+        return row
+
+    if first == "suspension-uncommitted":
+        monkeypatch.setattr(L.db_queries.Querier, "suspend_task", suspend_then_pause)
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, "w", slots=2, lease=30)):
+        assert parent_ready.wait(30)
+        (child_task,) = engine.children(task_id)
+        wait_until(lambda: engine.get(child_task.id).status == TaskStatus.RUNNING)
+        if first == "suspension-uncommitted":
+            # The suspension has checked (the child is running) and holds the parent's row.
+            # The child's end must wait for its commit; reading the row without the lock, it
+            # would see the parent running, wake no one, and leave it suspended forever.
+            parent_go.set()
+            assert decided.wait(30)
+            child_go.set()
+            # (Or, if the child's end did not wait, the child completed: the bug this catches.)
+            wait_until(
+                lambda: (
+                    blocked(url, "w", "LockTasks")
+                    or engine.get(child_task.id).status == TaskStatus.COMPLETED
+                ),
+                timeout=30,
+            )
+            commit.set()
+        else:
+            with psycopg.connect(url) as holder:
+                # FOR SHARE: the parent's spawn and outcome reads (FOR SHARE too) pass; the
+                # locks of the suspension (LockRunningTask) and the child's end (LockTasks) wait.
+                holder.execute("SELECT 1 FROM tasks WHERE id = %s FOR SHARE", (task_id,))
+                if first == "suspension":
+                    parent_go.set()
+                    wait_until(lambda: blocked(url, "w-steps", "LockRunningTask"), timeout=30)
+                    child_go.set()
+                    wait_until(lambda: blocked(url, "w", "LockTasks"), timeout=30)
+                else:
+                    child_go.set()
+                    wait_until(lambda: blocked(url, "w", "LockTasks"), timeout=30)
+                    parent_go.set()
+                    wait_until(
+                        lambda: (
+                            blocked(url, "w-steps", "RecordChildOutcomes")
+                            or blocked(url, "w-steps", "LockRunningTask")
+                        ),
+                        timeout=30,
+                    )
+                holder.rollback()  # let go: the one that asked first gets the lock first
+        task = engine.wait(task_id, timeout=30)
+
+    assert (task.status, task.output) == (TaskStatus.COMPLETED, "child done")
+    if first == "completion":
+        # The child's end committed first; the suspension, checking in a new statement once
+        # it held the lock, saw it finished, did not suspend, and went on in the same attempt.
+        assert statuses(engine.attempts(task_id)) == ["completed"]
+    else:
+        # It suspended (the child had not finished when it held the lock); the child's end,
+        # which waited for that lock, found it suspended and woke it.
+        assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
+    assert engine.get(child_task.id).attempts == 1
+
+
+# --- spawning is idempotent: a real crash between the child's INSERT and its event -----------
+
+CRASH_TASKS = '''
+"""Tasks for the crash test: a durable task that plans, then spawns three children."""
+from task_context import current_task
+
+
+def double(n):
+    return n * 2
+
+
+def gather(input):
+    ctx = current_task()
+    ctx.step("plan", lambda: [0, 1, 2])
+    handles = [ctx.spawn("double", n) for n in (0, 1, 2)]
+    return ctx.wait_all(handles)
+
+
+def register(engine):
+    engine.task("double")(double)
+    engine.durable_task("gather", backoff=0.05)(gather)
+'''
+
+
+def test_a_crash_between_the_child_and_its_spawn_event_leaves_neither(
+    lesson_db, pg_server_url, tmp_path
+):
+    url = lesson_db(LESSON)
+    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+    (tmp_path / "crash_tasks.py").write_text(CRASH_TASKS)
+    env = dict(lesson_env(pg_server_url, dbname), PYTHONPATH=str(tmp_path))
+
+    def worker_process(name: str, **extra_env: str) -> subprocess.Popen:
+        command = [sys.executable, str(lesson_dir(LESSON) / "worker.py"), "--name", name]
+        command += ["--tasks", "crash_tasks", "--lease", "2", "--poll-interval", "0.05"]
+        command += ["--slots", "2"]
+        return subprocess.Popen(
+            command, env={**env, **extra_env}, stderr=subprocess.PIPE, text=True
+        )
+
+    with Engine(url) as engine:
+        engine.task("double")(lambda n: None)  # the test process only enqueues
+        engine.durable_task("gather")(lambda input: None)
+        task_id = engine.enqueue("gather")
+        # worker-A kills itself at its first spawn, after the child's INSERT, before the
+        # event's: in the middle of the transaction.
+        first = worker_process("worker-A", DURABLE_CRASH_AT="spawn")
+        first.communicate(timeout=60)
+        assert first.returncode == -signal.SIGKILL
+        # What it left: the plan, and no child. The INSERT did happen: it used up an id.
+        assert [e.name for e in engine.events(task_id)] == ["plan"]
+        assert engine.children(task_id) == []
+        assert engine.get(task_id).status == TaskStatus.RUNNING  # until its lease runs out
+
+        second = worker_process("worker-B")
+        try:
+            task = engine.wait(task_id, timeout=60)
+        finally:
+            second.terminate()
+            second.communicate(timeout=30)
+        children = engine.children(task_id)
+
+    assert (task.status, task.output) == (TaskStatus.COMPLETED, [0, 2, 4])
+    # Three children, one per spawn event, and the first one's id is not task_id + 1: that id
+    # went to the INSERT that worker-A's death rolled back.
+    assert [c.input for c in children] == [0, 1, 2]
+    assert spawn_events(url, task_id) == [c.id for c in children]
+    assert children[0].id == task_id + 2
+    assert all(c.status == TaskStatus.COMPLETED and c.attempts == 1 for c in children)
+    assert statuses(engine_attempts(url, task_id)) == ["failed", "suspended", "completed"]
+
+
+def engine_attempts(url: str, task_id: int):
+    with Engine(url) as engine:
+        return engine.attempts(task_id)
+
+
+# --- operator actions: retry keeps the children, replay spawns new ones, cancel propagates ----
+
+
+def test_retry_keeps_the_children_and_replay_spawns_new_ones(url, engine):
+    runs = Counter()
+    model = {"up": False}
+
+    @engine.task("tool")
+    def tool(n):
+        runs[n] += 1
+        return n * 10
+
+    def summarise(results: list) -> int:
+        if not model["up"]:
+            raise ConnectionError("the model is down")
+        return sum(results)
+
+    @engine.durable_task("agent", max_attempts=1)
+    def agent(input):
+        ctx = current_task()
+        results = ctx.wait_all([ctx.spawn("tool", n) for n in (1, 2)])
+        return ctx.step("summarise", summarise, results)
+
+    task_id = engine.enqueue("agent")
+    with running(worker(engine, slots=2)):
+        failed = engine.wait(task_id, timeout=30)
+        assert failed.status == TaskStatus.FAILED  # one try: the suspension did not count
+        error = "StepError: step 'summarise' failed: ConnectionError: the model is down"
+        assert failed.error == error
+        assert (runs, len(engine.children(task_id))) == ({1: 1, 2: 1}, 2)
+
+        model["up"] = True
+        engine.retry(task_id)
+        retried = engine.wait(task_id, timeout=30)
+        # The log was kept: the spawns and the waits replayed, no tool ran again.
+        assert (retried.status, retried.output) == (TaskStatus.COMPLETED, 30)
+        assert (runs, len(engine.children(task_id))) == ({1: 1, 2: 1}, 2)
+
+        engine.replay(task_id)
+        replayed = engine.wait(task_id, timeout=30)
+        # A new history: two new children, and every tool ran again, once.
+        assert (replayed.status, replayed.output) == (TaskStatus.COMPLETED, 30)
+        children = engine.children(task_id)
+        assert (runs, len(children)) == ({1: 2, 2: 2}, 4)
+
+    histories = Counter((e.replay, e.kind) for e in engine.events(task_id))
+    for history in (0, 1):
+        assert histories[(history, EventKind.CHILD_SPAWNED)] == 2
+        assert histories[(history, EventKind.CHILD_COMPLETED)] == 2
+    assert spawn_events(url, task_id) == [c.id for c in children]
+    assert statuses(engine.attempts(task_id)) == [
+        "suspended", "failed",  # the first run
+        "completed",  # the retry
+        "suspended", "completed",  # the replay
+    ]  # fmt: skip
+
+
+def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
+    stopped = []
+
+    @engine.task("quick")
+    def quick(input):
+        return "quick"
+
+    @engine.task("flaky", backoff=60)
+    def flaky(input):
+        raise ConnectionError("down")  # then waits a minute for its retry: scheduled
+
+    @engine.task("blocker")
+    def blocker(input):
+        try:
+            current_task().sleep(60)  # wakes up, and raises, when its attempt is stopped
+        except TaskCancelled as err:
+            stopped.append(str(err))
+            raise
+
+    @engine.task("later")
+    def later(input):
+        return "later"
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_task()
+        ctx.wait(ctx.spawn("quick"))
+        ctx.wait_all([ctx.spawn(name) for name in ("flaky", "blocker", "later")])
+
+    task_id = engine.enqueue("parent")
+    # One slot: after quick, flaky runs and fails, blocker runs and blocks, later stays queued.
+    with running(worker(engine, slots=1, lease=3)):
+        wait_until(
+            lambda: (
+                statuses(engine.children(task_id))
+                == ["completed", "scheduled", "running", "queued"]
+            ),
+            timeout=30,
+        )
+        assert engine.get(task_id).status == TaskStatus.SUSPENDED
+        # Retention leaves a finished child alone while its parent has not finished.
+        assert engine.cleanup(older_than=0) == 0
+        assert engine.cancel(task_id) is True
+        assert engine.cancel(task_id) is False  # finished already
+        # The blocker's worker learns at its next heartbeat (every second here), and stops it.
+        wait_until(lambda: stopped, timeout=30)
+
+    assert engine.get(task_id).status == TaskStatus.CANCELLED
+    children = engine.children(task_id)
+    assert statuses(children) == ["completed", "cancelled", "cancelled", "cancelled"]
+    assert stopped == [f"task {children[2].id} was cancelled"]
+    assert statuses(engine.attempts(children[2].id)) == ["cancelled"]
+    assert engine.attempts(children[3].id) == []  # never ran
+
+
+def test_cancelling_a_child_wakes_its_parent_with_child_task_error(engine):
+    @engine.task("slow")
+    def slow(input):
+        current_task().sleep(60)
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_task()
+        try:
+            return ctx.wait(ctx.spawn("slow"))
+        except ChildTaskError as err:
+            return f"gave up: {err.error}"
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, slots=2, lease=3)):
+        wait_until(lambda: engine.get(task_id).status == TaskStatus.SUSPENDED, timeout=30)
+        (child,) = engine.children(task_id)
+        wait_until(lambda: engine.get(child.id).status == TaskStatus.RUNNING, timeout=30)
+        assert engine.cancel(child.id) is True
+        task = engine.wait(task_id, timeout=30)
+    assert (task.status, task.output) == (TaskStatus.COMPLETED, "gave up: cancelled")
+    assert engine.get(child.id).status == TaskStatus.CANCELLED
+
+
+# --- under concurrency: cancels, completions and heartbeats never deadlock --------------------
+
+
+def test_concurrent_parents_children_and_cancels_audited(url, engine):
+    parents, per_parent = 12, 4
+
+    @engine.task("work")
+    def work(n):
+        current_task().sleep(0.01 * (n % 5))
+        return n
+
+    @engine.durable_task("parent")
+    def parent(n):
+        ctx = current_task()
+        return sum(ctx.wait_all([ctx.spawn("work", n * 10 + i) for i in range(per_parent)]))
+
+    ids = [engine.enqueue("parent", n) for n in range(parents)]
+    workers = [worker(engine, f"w{i}", slots=3, lease=5) for i in range(3)]
+    with running(*workers):
+        for n, task_id in enumerate(ids):
+            if n % 3 == 0:  # cancel a third of them, as soon as they have children
+                wait_until(lambda task_id=task_id: engine.children(task_id), timeout=30)
+                engine.cancel(task_id)
+        done = [engine.wait(task_id, timeout=60) for task_id in ids]
+        # A cancelled running child stops at its worker's next heartbeat.
+        wait_until(lambda: not sql(url, "SELECT 1 FROM tasks WHERE finished_at IS NULL"))
+
+    for n, task in enumerate(done):
+        children = engine.children(task.id)
+        assert spawn_events(url, task.id) == [c.id for c in children]
+        if n % 3 == 0:
+            assert task.status == TaskStatus.CANCELLED
+            assert set(statuses(children)) <= {"completed", "cancelled"}
+        else:
+            assert (task.status, len(children)) == (TaskStatus.COMPLETED, per_parent)
+            assert task.output == sum(n * 10 + i for i in range(per_parent))
+    with psycopg.connect(url) as conn:
+        most = L.db_queries.Querier(conn).most_running_per_worker()
+    assert all(row.most_at_once <= 3 for row in most)
+
+
+# --- inspection --------------------------------------------------------------------------------
+
+
+def test_describe_prints_the_timeline_with_children(engine):
+    @engine.task("lookup", max_attempts=2, backoff=0.01)
+    def lookup(word):
+        if word == "flaky" and current_task().attempt == 1:
+            raise ConnectionError("dictionary offline")
+        return len(word)
+
+    @engine.durable_task("count")
+    def count(words):
+        ctx = current_task()
+        words = ctx.step("split", str.split, words)
+        return sum(ctx.wait_all([ctx.spawn("lookup", word) for word in words]))
+
+    task_id = engine.enqueue("count", "durable flaky")
+    with running(worker(engine, slots=1)):
+        engine.wait(task_id, timeout=30)
+    text = re.sub(r"\+\d+\.\d{3}s", "+T", L.inspect_task.describe(engine, task_id))
+    assert text.splitlines() == [
+        f"task {task_id} count (durable task): completed on attempt 2 by w: 12",
+        '  input: "durable flaky"',
+        "  +T  attempt 1 started on w",
+        '  +T     1 step split: ["durable", "flaky"]',
+        f"  +T     2 spawned task {task_id + 1} lookup",
+        f"  +T     3 spawned task {task_id + 2} lookup",
+        "  +T  attempt 1 suspended",
+        "  +T  attempt 2 started on w",
+        f"  +T     4 waited: task {task_id + 1} lookup completed: 7",
+        f"  +T     5 waited: task {task_id + 2} lookup completed: 5",
+        "  +T  attempt 2 completed",
+        "  children: 2",
+        f"    task {task_id + 1} lookup: completed on attempt 1 by w",
+        f"    task {task_id + 2} lookup: completed on attempt 2 by w"
+        " (after attempt 1 on w: ConnectionError: dictionary offline)",
+    ]
+    child = L.inspect_task.describe(engine, task_id + 2).splitlines()
+    assert child[:3] == [
+        f"task {task_id + 2} lookup (task): completed on attempt 2 by w: 5",
+        f"  child of task {task_id}",
+        '  input: "flaky"',
+    ]
+
+
+def test_inspect_task_cli_reports_a_missing_task(url, pg_server_url):
+    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+    result = subprocess.run(
+        [sys.executable, str(lesson_dir(LESSON) / "inspect_task.py"), "999"],
+        env=lesson_env(pg_server_url, dbname),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr.strip()) == (1, "error: no task with id 999")
+
+
+# --- main.py, as a reader runs it --------------------------------------------------------------
+
+
+def test_main_kill_resume_retry_replay_cancel_and_rerun(pg_server_url):
+    dbname = f"t07_main_{XDIST}"
+    try:
+        for cwd in (None, lesson_dir(LESSON)):
+            result = run_main(LESSON, pg_server_url, dbname, cwd=cwd)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert result.stderr == ""
+            lines = result.stdout.splitlines()
+            assert lines[0].startswith(f"database {dbname} on ")
+            expected = [
+                "  task 1 research: suspended; children: weather completed, find_parks"
+                " completed, read_reviews running",
+                "  agent failed after 2 attempts: StepError: step 'summarise' failed:"
+                " ConnectionError: the language model is unavailable",
+                '  agent completed on attempt 3: "sunny, 21 C in Edinburgh: go to Holyrood Park"',
+                '  agent completed on attempt 5: "sunny, 21 C in Edinburgh: go to Holyrood Park"',
+                "  task 8 research: cancelled; children: weather completed, find_parks"
+                " completed, read_reviews cancelled",
+                "  worker-B: task 4 attempt 1 on worker-A: lease expired (worker presumed dead);"
+                " retry scheduled",
+                "  worker-B: task 1 attempt 3: 7 events replayed from the log, 1 run",
+                "  6 children spawned by 2 histories, 6 tool runs: each child ran once",
+            ]
+            for line in expected:
+                assert line in lines, line
+            assert lines[-1] == (
+                "from the database: 0 scheduled, 0 queued, 0 running, 0 suspended, 9 completed,"
+                " 0 failed, 2 cancelled"
+            )
+    finally:
+        with psycopg.connect(pg_server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
