@@ -53,9 +53,9 @@ check-generated: install
 run: install
 	$(BIN)/python $(LATEST_LESSON)/main.py
 
-# Throughput and latency of the queue (lesson 04's bench.py); not part of the test suite.
+# Throughput and latency of the most advanced engine (its bench.py); not part of the test suite.
 bench: install
-	$(BIN)/python lessons/04-task-queue-improvements/bench.py
+	$(BIN)/python $(LATEST_LESSON)/bench.py
 
 docs: install
 	$(BIN)/mkdocs build --strict
