@@ -28,9 +28,10 @@ same text serves both. Kinds:
     What `python SCRIPT ARGS...` (default `python main.py`), run in SCRIPT's directory with a
     fresh database, printed on stdout and stderr combined, normalised (rules below). The marker
     records a hash of the sources the run depends on, `sources=<sha256, 12 hex digits>`: every
-    file of the lesson directory except Markdown files, hidden files and `__pycache__/`,
-    together with the command. `check` compares only that hash, because rerunning the
-    concurrent demos is slow and their interleavings vary from run to run. Attributes:
+    file of the lesson directory except Markdown files, hidden files and `__pycache__/`, plus
+    the shared bootstrap `hardway/postgres.py`, together with the command. `check` compares
+    only that hash, because rerunning the concurrent demos is slow and their interleavings vary
+    from run to run. Attributes:
     `exit=N` (expected exit status, default 0), `timeout=SECONDS` (default 300).
 
 Commands (from the repository root, with the virtual environment's Python):
@@ -429,6 +430,9 @@ def _hashed_files(lesson: Path) -> Iterable[Path]:
         yield path
 
 
+SHARED_BOOTSTRAP = Path(__file__).with_name("postgres.py")
+
+
 def sources_hash(source_dir: Path, command: list[str]) -> str:
     """12 hex digits of sha256 over the command and every file a run depends on."""
     digest = hashlib.sha256()
@@ -436,6 +440,8 @@ def sources_hash(source_dir: Path, command: list[str]) -> str:
     for path in _hashed_files(source_dir):
         digest.update(path.relative_to(source_dir).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
+    # Every lesson imports the shared bootstrap, and prints what it describes.
+    digest.update(b"hardway/postgres.py\0" + SHARED_BOOTSTRAP.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 
