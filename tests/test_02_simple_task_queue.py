@@ -169,6 +169,16 @@ def test_a_function_that_raises_leaves_its_task_failed_with_the_error(url, engin
     assert engine.get(good).status == TaskStatus.COMPLETED and engine.get(good).output == "ok"
 
 
+def test_an_error_message_with_a_nul_character_is_recorded_escaped(engine):
+    @engine.task("binary")
+    def binary(input):
+        raise ValueError("bad byte \x00 here")
+
+    task_id = engine.enqueue("binary")
+    Worker(engine).run_until_idle()  # PostgreSQL refuses NUL in text: this must not crash
+    assert engine.get(task_id).error == "ValueError: bad byte \\x00 here"
+
+
 def test_an_exception_without_a_message_is_recorded_by_its_type(engine):
     @engine.task("bare")
     def bare(input):
@@ -184,6 +194,10 @@ def test_an_exception_without_a_message_is_recorded_by_its_type(engine):
     [
         ({1, 2}, "Object of type set is not JSON serializable"),
         (math.nan, "Out of range float values are not JSON compliant"),
+        (
+            {"bytes": ["a\x00b"]},
+            "it contains a NUL character (\\x00), which PostgreSQL cannot store",
+        ),
     ],
 )
 def test_a_non_json_return_value_fails_the_task_with_a_clear_reason(engine, returned, reason):
@@ -229,6 +243,7 @@ def test_enqueue_refuses_an_unknown_name_and_writes_nothing(url, engine):
         ({"tags": {"a"}}, "Object of type set is not JSON serializable"),
         (object(), "Object of type object is not JSON serializable"),
         ([math.inf], "Out of range float values are not JSON compliant"),
+        ({"a\x00b": 1}, "it contains a NUL character (\\x00), which PostgreSQL cannot store"),
     ],
 )
 def test_enqueue_refuses_input_that_is_not_json_and_writes_nothing(url, engine, bad_input, reason):

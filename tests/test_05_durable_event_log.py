@@ -243,6 +243,7 @@ def test_a_changed_function_misreads_its_history(engine):
         ({"a", "b"}, "Object of type set is not JSON serializable"),
         (math.nan, "Out of range float values are not JSON compliant"),
         (object(), "Object of type object is not JSON serializable"),
+        ("a\x00b", "it contains a NUL character (\\x00), which PostgreSQL cannot store"),
     ],
 )
 def test_a_step_result_that_is_not_json_is_refused_naming_the_step(engine, returned, reason):

@@ -314,6 +314,53 @@ def test_a_replay_that_spawns_another_child_diverges(engine):
     assert [c.name for c in engine.children(task_id)] == ["search"]  # no second child
 
 
+def test_nul_characters_fail_their_own_task_and_never_the_worker(engine):
+    """PostgreSQL refuses NUL in text and jsonb: a result or error quoting binary data fails
+    its own task with a clear reason (or is escaped) while the worker's other tasks finish."""
+    engine.task("ok")(lambda input: "fine")
+    engine.task("nul_output", max_attempts=1)(lambda input: {"raw": "a\x00b"})
+
+    def nul_error(input):
+        raise ValueError("bad byte \x00 here")
+
+    engine.task("nul_error", max_attempts=1)(nul_error)
+    ids = [engine.enqueue(name) for name in ("ok", "nul_output", "nul_error", "ok")]
+    with running(worker(engine, slots=4)):
+        tasks = [engine.wait(task_id, timeout=30) for task_id in ids]
+    assert [t.status for t in tasks] == ["completed", "failed", "failed", "completed"]
+    assert tasks[1].error.endswith(
+        "it contains a NUL character (\\x00), which PostgreSQL cannot store"
+    )
+    assert tasks[2].error == "ValueError: bad byte \\x00 here"
+    assert [t.attempts for t in tasks] == [1, 1, 1, 1]  # no worker died, nothing ran twice
+
+
+def test_waiting_for_same_named_children_in_another_order_diverges(engine):
+    """Children of one name are told apart by id on replay, not matched by name alone."""
+    swapped = {"order": False}
+    engine.task("double")(lambda n: 2 * n)
+
+    @engine.durable_task("parent", backoff=0.01)
+    def parent(input):
+        ctx = current_task()
+        a, b = ctx.spawn("double", 1), ctx.spawn("double", 2)
+        results = ctx.wait_all([b, a] if swapped["order"] else [a, b])
+        if not swapped["order"]:
+            swapped["order"] = True  # a deploy, between the attempt and its retry
+            raise RuntimeError("crash")
+        return results
+
+    task_id = engine.enqueue("parent")
+    with running(worker(engine, slots=3)):
+        task = engine.wait(task_id, timeout=30)
+    assert task.status == TaskStatus.FAILED, task.output  # not [4, 2]: the other child's results
+    assert "NonDeterminismError" in task.error
+    children = [c.id for c in engine.children(task_id)]
+    assert f"the history waited for task {children[0]} here, the code for task {children[1]}" in (
+        task.error
+    )
+
+
 # --- the wake-up race, deterministically ------------------------------------------------------
 
 

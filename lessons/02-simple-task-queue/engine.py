@@ -32,8 +32,22 @@ def check_json(value: object) -> None:
     `allow_nan=False`: Python happily writes `NaN` and `Infinity`, which are not JSON, and
     PostgreSQL would reject them only later, inside the INSERT. What comes back from the database
     is what JSON can say: tuples come back as lists, and integer dict keys as strings.
+    The NUL character is valid JSON but PostgreSQL refuses it in jsonb, hence the second check.
     """
     json.dumps(value, allow_nan=False)
+    if contains_nul(value):
+        raise ValueError("it contains a NUL character (\\x00), which PostgreSQL cannot store")
+
+
+def contains_nul(value: object) -> bool:
+    """Whether a string anywhere in `value` (dict keys included) holds the NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(contains_nul(item) for item in value)
+    return False
 
 
 class Engine:

@@ -120,5 +120,7 @@ class Worker:
 
 def describe_error(err: BaseException) -> str:
     """`ValueError: bad address`: the exception's type and message, as stored in `tasks.error`."""
-    message = str(err)
+    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
+    # must not crash the worker that records it.
+    message = str(err).replace("\x00", "\\x00")
     return f"{type(err).__name__}: {message}" if message else type(err).__name__

@@ -176,7 +176,9 @@ class NonDeterminismError(Exception):
     an operator who has read it can replay the task (engine.replay) from an empty history.
     """
 
-    def __init__(self, task_id: int, recorded: TaskEvent, asked: Call | None) -> None:
+    def __init__(
+        self, task_id: int, recorded: TaskEvent, asked: Call | None, detail: str = ""
+    ) -> None:
         expected = Call.recorded(recorded)
         # The input hashes are shown when they are the difference, and only then.
         same = asked is not None and (asked.kind, asked.name) == (expected.kind, expected.name)
@@ -184,7 +186,7 @@ class NonDeterminismError(Exception):
         super().__init__(
             f"task {task_id} diverged from its history at event {recorded.seq}:"
             f" expected {expected.describe(same)} (recorded by attempt {recorded.attempt}),"
-            f" but {actual}"
+            f" but {actual}{detail}"
         )
         self.seq = recorded.seq
         self.expected = expected
@@ -553,6 +555,17 @@ class DurableContext(TaskContext):
             event = self._replay(Call("wait", handle.name))
             if event is None:
                 break
+            # Two children of one name are told apart by id: waiting for them in another order
+            # (a deploy, or handles kept in a set) must not hand each the other's result.
+            if event.child_id != handle.task_id:
+                self.diverged = NonDeterminismError(
+                    self.task_id,
+                    event,
+                    Call("wait", handle.name),
+                    f" (the history waited for task {event.child_id} here, the code for task"
+                    f" {handle.task_id})",
+                )
+                raise self.diverged
             self.replayed += 1
             outcomes.append(event)
         waiting = [handle.task_id for handle in handles[len(outcomes) :]]
@@ -646,5 +659,7 @@ class DurableContext(TaskContext):
 # way as a task's.
 def describe_error(err: BaseException) -> str:
     """`ValueError: bad address`: the exception's type and message, as stored in the error."""
-    message = str(err)
+    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
+    # must not crash the worker that records it.
+    message = str(err).replace("\x00", "\\x00")
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
