@@ -6,9 +6,11 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +99,32 @@ def wait_until(condition: Callable[[], object], timeout: float = 30, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {condition}")
         time.sleep(interval)
+
+
+@contextmanager
+def running(*workers) -> Iterator[None]:
+    """Run lesson workers in threads (`worker.run(stop)`) for the duration of a with block.
+
+    On the way out: stop them, wait for them, and fail the test if one did not stop or died
+    with an exception (a deadlock, say), which would otherwise be lost in its thread.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(worker) -> None:
+        try:
+            worker.run(stop)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(w,), name=w.name) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker did not stop"
+    assert not errors, errors

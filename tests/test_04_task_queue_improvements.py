@@ -20,7 +20,7 @@ from itertools import pairwise
 
 import psycopg
 import pytest
-from harness import import_lesson, lesson_dir, lesson_env, run_main, wait_until
+from harness import import_lesson, lesson_dir, lesson_env, run_main, running, wait_until
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool
 
@@ -47,31 +47,6 @@ def url(lesson_db) -> str:
 def engine(url):
     with Engine(url) as engine:
         yield engine
-
-
-@contextmanager
-def running(*workers):
-    """Run workers in threads (`worker.run(stop)`) for the duration of a with block."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def work(worker) -> None:
-        try:
-            worker.run(stop)
-        except BaseException as err:  # reported by the test, not lost in a thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(w,), name=w.name) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker did not stop"
-    assert not errors, errors
 
 
 def sql(url: str, query: str, *params):

@@ -16,11 +16,10 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from contextlib import contextmanager
 
 import psycopg
 import pytest
-from harness import import_lesson, lesson_dir, lesson_env, run_main, wait_until
+from harness import import_lesson, lesson_dir, lesson_env, run_main, running, wait_until
 from psycopg import conninfo
 
 LESSON = "05-durable-event-log"
@@ -66,22 +65,6 @@ def effects(url: str, task_id: int | None = None) -> list[tuple]:
 def log_of(engine, task_id: int) -> list[tuple]:
     """(seq, attempt, kind, name, result, error) of every event of the task."""
     return [(e.seq, e.attempt, e.kind, e.name, e.result, e.error) for e in engine.events(task_id)]
-
-
-@contextmanager
-def running(*workers):
-    """Run workers in threads (worker.run) for the duration of a with block."""
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), name=w.name) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
 
 
 def finish(engine, *task_ids: int, **worker_options):

@@ -16,11 +16,10 @@ import re
 import threading
 import uuid
 from collections import Counter
-from contextlib import contextmanager
 
 import psycopg
 import pytest
-from harness import import_lesson, lesson_dir, run_main, wait_until
+from harness import import_lesson, lesson_dir, run_main, running, wait_until
 
 LESSON = "06-tracking-non-determinism"
 L = import_lesson(
@@ -48,22 +47,6 @@ def url(lesson_db) -> str:
 def engine(url):
     with Engine(url) as engine:
         yield engine
-
-
-@contextmanager
-def running(*workers):
-    """Run workers in threads (worker.run) for the duration of a with block."""
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), name=w.name) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-            assert not thread.is_alive(), f"{thread.name} did not stop"
 
 
 def finish(engine, *task_ids: int):

@@ -17,11 +17,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 
 import psycopg
 import pytest
-from harness import import_lesson, lesson_dir, lesson_env, run_main, wait_until
+from harness import import_lesson, lesson_dir, lesson_env, run_main, running, wait_until
 from psycopg import conninfo
 
 LESSON = "07-durable-tasks"
@@ -57,31 +56,6 @@ def url(lesson_db) -> str:
 def engine(url):
     with Engine(url) as engine:
         yield engine
-
-
-@contextmanager
-def running(*workers):
-    """Run workers in threads (`worker.run(stop)`) for the duration of a with block."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def work(worker) -> None:
-        try:
-            worker.run(stop)
-        except BaseException as err:  # a deadlock, say: reported by the test, not lost
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(w,), name=w.name) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a worker did not stop"
-    assert not errors, errors
 
 
 def worker(engine, name: str = "w", **options):
