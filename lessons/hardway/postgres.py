@@ -21,13 +21,16 @@ to open a lesson's database in psql (the psql shipped inside the wheel: no insta
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
-from psycopg import conninfo
+from psycopg import conninfo, sql
 
 # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (CI, containers); the server
 # never uses that directory for our short data path, so the warning is only noise.
@@ -43,6 +46,11 @@ EMBEDDED_DATA_DIR = REPO_ROOT / ".pgdata"
 
 class DatabaseUnavailable(Exception):
     """No PostgreSQL could be reached. The message says what was tried and how to fix it."""
+
+
+class DatabaseSetupError(Exception):
+    """The server refused to drop, create or load a database. The message is one line: which
+    database, on which server, and the server's reason (a missing privilege, a bad schema)."""
 
 
 def server_url() -> str:
@@ -64,14 +72,47 @@ def recreate_database(server: str, dbname: str, schema_sql: str) -> str:
 
     `WITH (FORCE)` disconnects sessions still attached to the old database (a worker left over
     from an interrupted run), so a rerun never fails with "database is being accessed".
+    The name goes into the SQL as an `Identifier`, quoted by psycopg: it comes from the
+    environment (LESSON_DBNAME), and pasting it into the text would let a `"` in it end the
+    name and start another statement. Raises DatabaseSetupError when the server refuses.
     """
+    name = sql.Identifier(dbname)
+    on_server = f"on {_where(server)}"
     with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{dbname}"')
+        with _refusal_as_setup_error(f"cannot drop database {dbname} {on_server}"):
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+        role = admin.info.user
+        with _refusal_as_setup_error(
+            f"cannot create database {dbname} {on_server}",
+            privilege_hint=f"the role {role} needs CREATEDB: a superuser can run "
+            f"ALTER ROLE {role} CREATEDB, or set DATABASE_URL to a role that has it",
+        ):
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(name))
     url = database_url(server, dbname)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(schema_sql)
+    with _refusal_as_setup_error(f"cannot load the schema into database {dbname} {on_server}"):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(schema_sql)
     return url
+
+
+@contextmanager
+def _refusal_as_setup_error(failure: str, privilege_hint: str = "") -> Iterator[None]:
+    """Turn the server refusing what the block does into a one-line DatabaseSetupError.
+
+    The server's errors carry a SQLSTATE, and a connection that fails or breaks is an
+    OperationalError: both are about the setup, not the code. An error psycopg raises by
+    itself (a ProgrammingError for a misused API) has no SQLSTATE: a bug, left to propagate
+    with its traceback.
+    """
+    try:
+        yield
+    except psycopg.Error as err:
+        if err.sqlstate is None and not isinstance(err, psycopg.OperationalError):
+            raise
+        hint = ""
+        if privilege_hint and isinstance(err, psycopg.errors.InsufficientPrivilege):
+            hint = f" ({privilege_hint})"
+        raise DatabaseSetupError(f"{failure}: {_one_line(err)}{hint}") from err
 
 
 def lesson_database(lesson_dir: str | Path) -> str:
@@ -86,7 +127,7 @@ def lesson_database(lesson_dir: str | Path) -> str:
     try:
         server = server_url()
         return recreate_database(server, dbname, (lesson_dir / "sql" / "schema.sql").read_text())
-    except DatabaseUnavailable as err:
+    except (DatabaseUnavailable, DatabaseSetupError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -97,16 +138,20 @@ def lesson_dbname(lesson_dir_name: str) -> str:
 
 def describe(url: str) -> str:
     """One line saying which database a lesson uses, where, and how to open it with psql."""
+    dbname = conninfo.conninfo_to_dict(url).get("dbname")
+    psql_command = shlex.join(["python", "-m", "hardway.postgres", "psql", str(dbname)])
+    return f"database {dbname} on {_where(url)} (psql: {psql_command})"
+
+
+def _where(url: str) -> str:
+    """The server of `url` in a few words (never its password): embedded, a socket, host:port."""
     params = conninfo.conninfo_to_dict(url)
     host = str(params.get("host", "localhost"))
     if host == str(EMBEDDED_DATA_DIR):
-        where = f"the embedded server in {host}"
-    elif host.startswith("/"):
-        where = f"the server with its socket in {host}"
-    else:
-        where = f"{host}:{params.get('port', 5432)}"
-    dbname = params.get("dbname")
-    return f"database {dbname} on {where} (psql: python -m hardway.postgres psql {dbname})"
+        return f"the embedded server in {host}"
+    if host.startswith("/"):
+        return f"the server with its socket in {host}"
+    return f"{host}:{params.get('port', 5432)}"
 
 
 def _check_reachable(url: str, source: str) -> None:
@@ -114,13 +159,19 @@ def _check_reachable(url: str, source: str) -> None:
         with psycopg.connect(url, connect_timeout=5):
             pass
     except psycopg.Error as err:
-        reason = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         raise DatabaseUnavailable(
             f"could not connect to the PostgreSQL server given by {source} "
-            f"({_redact(url)}): {reason}\n"
+            f"({_redact(url)}): {_one_line(err)}\n"
             "Start that server (for example `docker compose up -d`), fix DATABASE_URL, "
             "or unset DATABASE_URL to use the embedded server."
         ) from None
+
+
+def _one_line(err: psycopg.Error) -> str:
+    """The error's text on one line. A syntax error adds `LINE 3: ...`, kept, and a line with a
+    caret under the error's position, dropped: it points at nothing once the lines are joined."""
+    lines = (line.strip() for line in str(err).splitlines())
+    return " ".join(line for line in lines if line not in ("", "^"))
 
 
 def _redact(url: str) -> str:
