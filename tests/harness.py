@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LESSONS_DIR = REPO_ROOT / "lessons"
 
@@ -57,6 +59,45 @@ def import_lesson(lesson: str, *modules: str) -> types.SimpleNamespace:
         sys.path.pop(0)
         forget()
     return types.SimpleNamespace(**loaded)
+
+
+def lessons_from(first: str) -> list[str]:
+    """The lesson directories from lesson `first` ("04") to the latest: every lesson that carries
+    what lesson `first` introduced, and so must keep its promises (its contract tests)."""
+    lessons = sorted(path.name for path in LESSONS_DIR.glob("[0-9][0-9]-*") if path.is_dir())
+    return [lesson for lesson in lessons if lesson[:2] >= first]
+
+
+# The modules of a lesson that tests use, when the lesson has them.
+ENGINE_MODULES = (
+    "engine",
+    "worker",
+    "task_context",
+    "outages",
+    "durable",
+    "db.models",
+    "db.queries",
+)
+
+
+def load_lesson(lesson: str) -> types.SimpleNamespace:
+    """The engine modules of one lesson (those it has), plus `name`: its directory name."""
+    directory = lesson_dir(lesson)
+    present = [
+        module
+        for module in ENGINE_MODULES
+        if (directory / f"{module.replace('.', '/')}.py").exists()
+    ]
+    namespace = import_lesson(lesson, *present)
+    namespace.name = lesson
+    return namespace
+
+
+def sql(url: str, query: str, *params):
+    """Run one statement on its own connection: its rows, or how many rows it changed."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else cur.rowcount
 
 
 def lesson_env(database_url: str, dbname: str | None = None) -> dict[str, str]:

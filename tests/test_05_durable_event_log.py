@@ -184,15 +184,15 @@ def test_a_step_returns_what_the_log_holds_on_its_first_run_too(engine):
     @engine.task("job", backoff=0.01)
     def job(input):
         ctx = current_task()
-        # A tuple and integer keys: JSON has neither. Returned as the log will replay them.
-        value = ctx.step("shape", lambda: {"pair": (1, 2), 3: "three"})
+        # A tuple: JSON has none. Returned as the log will replay it: a list.
+        value = ctx.step("shape", lambda: {"pair": (1, 2), "three": 3})
         seen.append((ctx.attempt, value))
         if ctx.attempt == 1:
             raise RuntimeError("retry, to see the replay")
         return value
 
     (task,) = finish(engine, engine.enqueue("job"))
-    assert seen == [(1, {"pair": [1, 2], "3": "three"}), (2, {"pair": [1, 2], "3": "three"})]
+    assert seen == [(1, {"pair": [1, 2], "three": 3}), (2, {"pair": [1, 2], "three": 3})]
 
 
 def test_a_changed_function_misreads_its_history(engine):

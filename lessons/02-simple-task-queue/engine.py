@@ -26,28 +26,128 @@ class TaskInputError(ValueError):
     """enqueue() was given an input that cannot be stored as JSON."""
 
 
+# region: json
+# The deepest nesting a stored JSON value may have. PostgreSQL would take deeper ones, but
+# Python's json module, which psycopg uses both ways, gives up at its recursion limit (a
+# thousand levels, less whatever the stack holds already). No sane document needs a hundred.
+MAX_JSON_DEPTH = 100
+
+
 def check_json(value: object) -> None:
-    """Raise TypeError or ValueError unless `value` can be stored in a jsonb column.
+    """Raise TypeError or ValueError unless `value` can be stored in a jsonb column as it is.
 
-    `allow_nan=False`: Python happily writes `NaN` and `Infinity`, which are not JSON, and
-    PostgreSQL would reject them only later, inside the INSERT. What comes back from the database
-    is what JSON can say: tuples come back as lists, and integer dict keys as strings.
-    The NUL character is valid JSON but PostgreSQL refuses it in jsonb, hence the second check.
+    Checked here, where the mistake is, rather than by the database later, in a worker:
+    - dicts, lists (tuples become lists), strings, numbers, True, False and None only;
+    - dict keys are strings: json.dumps would turn the key 1 into "1" without a word, and
+      `{1: "a", "1": "b"}` into `{"1": "b"}`;
+    - no NaN or Infinity, which are not JSON (`allow_nan=False`);
+    - text PostgreSQL can store (check_text);
+    - at most MAX_JSON_DEPTH levels deep (a list that contains itself never ends).
+    What comes back from the database is what JSON can say: tuples come back as lists.
     """
-    json.dumps(value, allow_nan=False)
-    if contains_nul(value):
-        raise ValueError("it contains a NUL character (\\x00), which PostgreSQL cannot store")
+    _check_structure(value, depth=1)
+    json.dumps(value, allow_nan=False)  # the types, NaN and infinity
 
 
-def contains_nul(value: object) -> bool:
-    """Whether a string anywhere in `value` (dict keys included) holds the NUL character."""
+def _check_structure(value: object, depth: int) -> None:
     if isinstance(value, str):
-        return "\x00" in value
+        check_text(value)
+        return
+    if not isinstance(value, dict | list | tuple):
+        return
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"it is nested more than {MAX_JSON_DEPTH} levels deep (or contains itself)"
+        )
     if isinstance(value, dict):
-        return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(contains_nul(item) for item in value)
-    return False
+        for key, item in value.items():
+            if not isinstance(key, str):
+                # Not the key's repr(): it is the caller's code, and could raise.
+                raise TypeError(f"dict keys must be strings, not {type(key).__name__}")
+            check_text(key)
+            _check_structure(item, depth + 1)
+    else:
+        for item in value:
+            _check_structure(item, depth + 1)
+
+
+def check_text(text: str) -> None:
+    """Raise ValueError unless PostgreSQL can store `text`: no NUL, valid UTF-8.
+
+    PostgreSQL refuses the NUL character in text and jsonb alike. A lone surrogate, half of a
+    UTF-16 pair, is what Python makes of bytes that are not UTF-8 (`os.fsdecode` of a file
+    name, say); it has no UTF-8 form at all, so it cannot even be sent.
+    """
+    if "\x00" in text:
+        raise ValueError("it contains a NUL character (\\x00), which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end].encode("utf-8", "backslashreplace").decode()
+        raise ValueError(
+            f"it contains {bad}, a lone surrogate, which is not valid UTF-8 (decode bytes with"
+            " errors='replace', or store them as base64)"
+        ) from None
+
+
+def json_problem(value: object) -> str | None:
+    """Why `value` cannot be stored as JSON (check_json), as storable text; None if it can.
+
+    For what a task returns: whatever that is, the answer is text the worker can record.
+    """
+    try:
+        check_json(value)
+    except Exception as err:
+        return describe_json_error(err)
+    return None
+
+
+def describe_json_error(err: Exception) -> str:
+    """What check_json raised, as storable text: its message, or, for anything other than the
+    TypeError or ValueError it raises itself, what a container of the caller's own raised."""
+    if isinstance(err, TypeError | ValueError):
+        return storable_text(error_message(err), MAX_ERROR_LENGTH)
+    return describe_error(err)
+
+
+# endregion
+
+
+# region: describe_error
+# An error message is for people: long enough for a message and its context, short enough that
+# a task raising a megabyte of text does not copy it into every row that records the failure.
+MAX_ERROR_LENGTH = 2000
+
+
+def describe_error(err: BaseException) -> str:
+    """`ValueError: bad address`: the exception's type and message, as the database stores it.
+
+    Whatever the exception is made of, this returns text the database can store, so that a
+    task's failure is recorded as one, and never crashes the worker recording it.
+    """
+    message = error_message(err)
+    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return storable_text(text, MAX_ERROR_LENGTH)
+
+
+def error_message(err: BaseException) -> str:
+    """`str(err)`, or a placeholder if the exception's own __str__ raises."""
+    try:
+        return str(err)
+    # BaseException: a __str__ that raises anything must not take the worker down with it.
+    except BaseException as broken:
+        return f"<str() of the exception raised {type(broken).__name__}>"
+
+
+def storable_text(text: str, limit: int) -> str:
+    """`text`, with NUL and lone surrogates escaped (check_text), cut to `limit` characters."""
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text
+
+
+# endregion
 
 
 class Engine:
@@ -86,6 +186,8 @@ class Engine:
         is safe, and renaming the task is a change of contract between deploys.
         """
 
+        check_task_name(name)
+
         def register(function: F) -> F:
             if name in self.registry:
                 raise ValueError(f"a task named {name!r} is already registered")
@@ -116,3 +218,13 @@ class Engine:
         """The task's row as it is now (status, output or error, who ran it), or None."""
         with self.pool.connection() as conn:
             return Querier(conn).get_task(id=task_id)
+
+
+def check_task_name(name: object) -> None:
+    """Raise ValueError unless `name` is a non-empty string the database can store."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a task name must be a non-empty string, got {name!r}")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise ValueError(f"task name {name!r} cannot be stored: {err}") from None

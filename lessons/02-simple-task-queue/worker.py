@@ -16,9 +16,13 @@ import threading
 import psycopg
 from db.models import Task
 from db.queries import Querier
-from engine import Engine, check_json
+from engine import Engine, describe_error, json_problem
 
 log = logging.getLogger(__name__)
+
+# What the database refuses to store, once check_json has passed: a number too large for it,
+# a value over its size limits.
+REFUSED = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 
 class Worker:
@@ -99,15 +103,18 @@ class Worker:
         else:
             # Checked before writing, so the reason is ours ("a set is not JSON"), not a driver
             # error that would crash the worker and leave the task running.
-            try:
-                check_json(output)
-            except (TypeError, ValueError) as err:
-                error = f"return value is not JSON-serializable: {err}"
+            problem = json_problem(output)
+            if problem is not None:
+                error = f"return value is not JSON-serializable: {problem}"
 
         queries = Querier(conn)
         if error is None:
-            changed = queries.complete_task(id=task.id, output=output)
-        else:
+            try:
+                changed = queries.complete_task(id=task.id, output=output)
+            # JSON the database still refuses (a number too large for it): the task fails.
+            except REFUSED as err:
+                error = f"return value could not be stored: {describe_error(err)}"
+        if error is not None:
             changed = queries.fail_task(id=task.id, error=error)
         # `AND status = 'running'` in both queries: a result only lands on a task that is still
         # running. With our claim, 0 rows cannot happen; with naive_claim.py's, it does: a
@@ -116,11 +123,3 @@ class Worker:
             log.warning("%s: task %s was no longer running; result dropped", self.name, task.id)
 
     # endregion
-
-
-def describe_error(err: BaseException) -> str:
-    """`ValueError: bad address`: the exception's type and message, as stored in `tasks.error`."""
-    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
-    # must not crash the worker that records it.
-    message = str(err).replace("\x00", "\\x00")
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__

@@ -16,11 +16,14 @@ A task that never checks is not dangerous, only wasteful: its result is fenced o
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import datetime
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from engine import describe_error, json_problem
 
 
 class TaskStopped(Exception):
@@ -43,6 +46,44 @@ class LeaseLostError(TaskStopped):
     """
 
 
+# region: non_retryable
+class NonRetryableError(Exception):
+    """Raise it (or a subclass of it) from a task to fail the task at once, with no retry.
+
+    For the errors that no retry will cure: an invalid input, a card the bank declined, a
+    record that does not exist. Any other exception is retried while attempts are left, since
+    most failures (a timeout, a service restarting) are over by the next attempt.
+    """
+
+
+def is_retryable(err: BaseException) -> bool:
+    """False if `err`, or an exception it was raised from (`raise ... from`), is non-retryable."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:  # `seen`: a chain may loop
+        if isinstance(cause, NonRetryableError):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return True
+
+
+# endregion
+
+
+# region: outcome
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, as the worker records it."""
+
+    output: Any = None
+    error: str | None = None  # None: it completed, with `output`
+    retryable: bool = True  # False: the task fails now, whatever attempts it has left
+
+
+# endregion
+
+
 # region: context
 class TaskContext:
     """One attempt of one task, as the function running it sees it."""
@@ -54,6 +95,10 @@ class TaskContext:
         # When the attempt times out, on this machine's monotonic clock. A duration measured
         # here, not a time compared across machines: the one case the local clock is right for.
         self.deadline = time.monotonic() + timeout.total_seconds()
+        # When this worker's lease on the attempt runs out, at the latest, by the same clock:
+        # the claim, or the last heartbeat the database accepted, plus the lease. Past it, a
+        # result can no longer be recorded: the worker stops trying (during an outage).
+        self.lease_deadline = float("inf")
         self.reason: TaskStopped | None = None
         self._stopped = threading.Event()
 
@@ -80,6 +125,31 @@ class TaskContext:
         """time.sleep() that ends early, and raises, as soon as the attempt is over."""
         self._stopped.wait(seconds)
         self.check()
+
+    # region: hooks
+    # What the worker asks the context once the function is done: the outcome to record, and
+    # a line for its log. The worker never looks at what kind of context it holds; a context
+    # that knows more about its attempt (a durable one, lesson 05) says more here.
+    def returned(self, output: Any) -> Outcome:
+        """The function returned `output`: what to record. Never raises.
+
+        The output is checked before the worker writes it, so that the reason is ours ("a set
+        is not JSON"), not a driver error in the middle of recording a whole batch.
+        """
+        problem = json_problem(output)
+        if problem is not None:
+            return Outcome(error=f"return value is not JSON-serializable: {problem}")
+        return Outcome(output=output)
+
+    def raised(self, err: BaseException) -> Outcome:
+        """The function raised `err`: what to record. Never raises."""
+        return Outcome(error=describe_error(err), retryable=is_retryable(err))
+
+    def report(self) -> str | None:
+        """A line for the worker's log about how the attempt went, if there is more to say."""
+        return None
+
+    # endregion
 
 
 # endregion

@@ -2,20 +2,24 @@
 
 A worker has `slots`: it runs at most that many tasks at once, on a pool of that many threads,
 and claims only as many tasks as it has slots free. One loop thread does all the database work
-on the worker's one connection:
+on the worker's one connection, in four stages, turn after turn:
 
 1. record: one statement writes the outputs of all the tasks finished since the last turn
    (completed), one per error (the task is retried after a backoff, or fails for good), all
    fenced by the attempt number: a worker that lost its lease can no longer write;
-2. heartbeat: every lease/3 seconds, one statement extends the leases of all the tasks it runs,
-   and learns which it no longer owns (cancelled, or taken over); attempts that overran their
-   timeout are failed;
+2. keep leases: every lease/3 seconds, one statement extends the leases of all the tasks it
+   runs, and learns which it no longer owns (cancelled, or taken over); attempts that overran
+   their timeout are failed;
 3. claim: one transaction makes due scheduled tasks queued, fails the attempts whose lease ran
    out (their worker died), then turns up to `free slots` queued tasks into running ones, each
    with a new attempt and a lease, serving concurrency keys in turn and never starting more of
-   a key's tasks than its limit allows;
-4. hand the claimed tasks to the thread pool, which runs their functions outside any
-   transaction; then wait until a task finishes, a heartbeat is due, or a poll interval passes.
+   a key's tasks than its limit allows; the thread pool runs their functions, outside any
+   transaction;
+4. wait until a task finishes, a heartbeat or a timeout is due, or a poll interval passes.
+
+Nothing a task does can stop the loop: whatever its function returns or raises becomes an
+outcome the database can store (_execute). Nor can an outage: when the connection breaks, the
+tasks in hand run on, their outcomes wait, and the loop reconnects with backoff (outages.py).
 
 Run it as a process of its own (to kill it): `python worker.py --name worker-A` (see main()).
 """
@@ -38,9 +42,11 @@ from typing import Any
 import psycopg
 from db.models import Task, TaskStatus
 from db.queries import Querier
-from engine import Engine, check_json
+from engine import CONNECTION_OPTIONS, Engine, describe_error
+from outages import Backoff, is_outage, reason
 from task_context import (
     LeaseLostError,
+    Outcome,
     TaskCancelled,
     TaskContext,
     TaskStopped,
@@ -54,6 +60,13 @@ log = logging.getLogger(__name__)
 # and claims again. Nothing for a task that takes seconds; for tasks of a few microseconds, it
 # is the difference between one turn of the loop per task and one per slot-full.
 LINGER = 0.002  # seconds
+
+# What the database refuses to store, as opposed to an outage: a value over its size limits
+# ("total size of jsonb array elements exceeds the maximum"), say.
+REFUSED = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
+
+
+Finished = tuple[Task, TaskContext, Outcome]
 
 
 class Worker:
@@ -83,10 +96,10 @@ class Worker:
         lease: float = 30.0,
         chores_limit: int = 100,
     ) -> None:
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise ValueError(f"slots must be a positive integer, got {slots!r}")
-        if not 0 < lease <= 86400:
-            raise ValueError(f"lease must be more than 0 and at most 86400 seconds, got {lease!r}")
+        check_count("slots", slots)
+        check_seconds("lease", lease, 86400)
+        check_seconds("poll_interval", poll_interval, 3600)
+        check_count("chores_limit", chores_limit)
         self.engine = engine
         self.name = name
         self.slots = slots
@@ -99,6 +112,11 @@ class Worker:
         # when ten thousand tasks come due at once, or after a crash of many workers.
         self.chores_limit = chores_limit
         self._chores_due = 0.0  # time.monotonic() of the next chores: the first claim does them
+        self._next_beat = 0.0  # time.monotonic() of the next heartbeat
+        self._conn: psycopg.Connection | None = None  # None: not connected (yet, or any more)
+        self._backoff = Backoff()
+        self._reconnect_at = 0.0  # time.monotonic() of the next attempt to connect
+        self._down_since: float | None = None  # when the outage began, if we are in one
 
     def connect(self) -> psycopg.Connection:
         """The worker's own connection, in autocommit mode: each statement commits at once.
@@ -109,7 +127,7 @@ class Worker:
         `SELECT application_name, state, query FROM pg_stat_activity` shows who is doing what.
         """
         return psycopg.connect(
-            self.engine.database_url, autocommit=True, application_name=self.name
+            self.engine.database_url, application_name=self.name, **CONNECTION_OPTIONS
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -130,52 +148,175 @@ class Worker:
 
     # region: loop
     def _loop(self, stop: threading.Event, until_idle: bool) -> int:
+        """The four stages (see the module's docstring), until stopped or, if asked, idle."""
         ran = 0
-        running: dict[Future, tuple[Task, TaskContext]] = {}
-        next_beat = time.monotonic() + self.heartbeat_interval
-        with (
-            self.connect() as conn,
-            ThreadPoolExecutor(self.slots, thread_name_prefix=self.name) as pool,
-        ):
-            while running or not stop.is_set():
-                # Record finished tasks before claiming: a slot is free again only once its
-                # task's finish time is written, so the table never shows this worker running
-                # more than `slots` tasks at once (the tests audit exactly that).
-                finished = [f for f in running if f.done()]
-                if finished:
-                    self._record(conn, [(*running.pop(f), *f.result()) for f in finished])
-                    ran += len(finished)
-                contexts = [context for _, context in running.values()]
-                self._enforce_timeouts(conn, contexts)
-                if contexts and time.monotonic() >= next_beat:
-                    self._heartbeat(conn, contexts)
-                    next_beat = time.monotonic() + self.heartbeat_interval
-                claimed = []
-                free = self.slots - len(running)
-                if free and not stop.is_set():
-                    claimed = self.claim(conn, free)
-                    for task in claimed:
-                        context = TaskContext(task.id, task.attempts, task.timeout)
-                        running[pool.submit(self._execute, task, context)] = (task, context)
-                if until_idle and not running and not claimed:
-                    if not Querier(conn).queued_task_exists(task_names=list(self.engine.registry)):
-                        break
-                # Wake up as soon as one of our tasks finishes (its slot is free again), a
-                # heartbeat or a timeout is due, or after the poll interval: new tasks, or room
-                # under a key's limit made by another worker, are only seen by asking again.
-                if running:
-                    deadlines = [c.deadline for _, c in running.values() if not c.stopped]
-                    soonest = min([next_beat, *deadlines]) - time.monotonic()
-                    timeout = max(0.0, min(self.poll_interval, soonest))
-                    done, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
-                    if done and len(done) < len(running):
-                        # Linger a moment for the others: short tasks finish in bursts, and
-                        # recording ten in one turn costs what recording one does.
-                        wait(running, timeout=LINGER)
-                else:
-                    next_beat = time.monotonic() + self.heartbeat_interval
-                    stop.wait(self.poll_interval)
+        running: dict[Future[Outcome], tuple[Task, TaskContext]] = {}
+        # Ended, not recorded yet: outcomes wait here while the database is away.
+        finished: list[Finished] = []
+        with ThreadPoolExecutor(self.slots, thread_name_prefix=self.name) as pool:
+            try:
+                while running or finished or not stop.is_set():
+                    done = [future for future in running if future.done()]
+                    finished += [(*running.pop(future), future.result()) for future in done]
+                    ran += len(done)
+                    conn = self._connection()
+                    if conn is None:  # the database is away: only the tasks in hand go on
+                        self._drop_unrecordable(finished)
+                    else:
+                        try:
+                            self._record_finished(conn, finished)
+                            self._keep_leases(conn, [c for _, c in running.values()])
+                            claimed = [] if stop.is_set() else self._claim(conn, pool, running)
+                            if until_idle and not running and not claimed:
+                                if not Querier(conn).queued_task_exists(
+                                    task_names=list(self.engine.registry)
+                                ):
+                                    break
+                        except psycopg.OperationalError as err:
+                            if not is_outage(err):
+                                raise
+                            self._lost(err)
+                    self._wait(running, stop)
+            finally:
+                self._disconnect()
         return ran
+
+    # endregion
+
+    # region: stages
+    def _record_finished(self, conn: psycopg.Connection, finished: list[Finished]) -> None:
+        """Stage 1: record the outcomes of the tasks that finished, and forget them.
+
+        A slot is free again only once its task's outcome is written, so the table never shows
+        this worker running more than `slots` tasks at once (the tests audit exactly that).
+        """
+        if not finished:
+            return
+        try:
+            self._record(conn, finished)
+        except REFUSED:
+            # One value the database will not store must not cost the others their outcome:
+            # one by one, then; the one refused fails, and says why.
+            for task, context, outcome in finished:
+                try:
+                    self._record(conn, [(task, context, outcome)])
+                except REFUSED as err:
+                    error = f"return value could not be stored: {describe_error(err)}"
+                    self._record(conn, [(task, context, Outcome(error=error))])
+        finished.clear()
+
+    def _keep_leases(self, conn: psycopg.Connection, contexts: list[TaskContext]) -> None:
+        """Stage 2: fail the attempts that overran their timeout; heartbeat, when one is due."""
+        self._enforce_timeouts(conn, contexts)
+        if time.monotonic() >= self._next_beat:
+            self._heartbeat(conn, contexts)
+            self._next_beat = time.monotonic() + self.heartbeat_interval
+
+    def _claim(
+        self,
+        conn: psycopg.Connection,
+        pool: ThreadPoolExecutor,
+        running: dict[Future[Outcome], tuple[Task, TaskContext]],
+    ) -> list[Task]:
+        """Stage 3: claim tasks for the free slots, and start running them on the pool."""
+        free = self.slots - len(running)
+        if not free:
+            return []
+        claimed_at = time.monotonic()
+        claimed = self.claim(conn, free)
+        for task in claimed:
+            context = self.context(task)
+            context.lease_deadline = claimed_at + self.lease
+            running[pool.submit(self._execute, task, context)] = (task, context)
+        return claimed
+
+    def _wait(
+        self, running: dict[Future[Outcome], tuple[Task, TaskContext]], stop: threading.Event
+    ) -> None:
+        """Stage 4: until one of our tasks finishes (its slot is free again), or the next thing
+        is due: a heartbeat, a timeout, a reconnection, or the poll interval (new tasks, or room
+        under a key's limit made by another worker, are only seen by asking again)."""
+        now = time.monotonic()
+        due = [now + self.poll_interval]
+        if self._conn is None:
+            due.append(self._reconnect_at)
+        if not running:
+            self._next_beat = now + self.heartbeat_interval  # nothing to heartbeat for
+            # stop.wait() returns at once when stop is set: a stopping worker whose outcomes
+            # wait for the database must really wait.
+            pause = max(0.0, min(due) - now)
+            if stop.is_set():
+                time.sleep(pause)
+            else:
+                stop.wait(pause)
+            return
+        due.append(self._next_beat)
+        due += [context.deadline for _, context in running.values() if not context.stopped]
+        done, _ = wait(running, timeout=max(0.0, min(due) - now), return_when=FIRST_COMPLETED)
+        if done and len(done) < len(running):
+            # Linger a moment for the others: short tasks finish in bursts, and recording ten
+            # in one turn costs what recording one does.
+            wait(running, timeout=LINGER)
+
+    # endregion
+
+    def context(self, task: Task) -> TaskContext:
+        """What the task's function will see of its attempt, through current_task()."""
+        return TaskContext(task.id, task.attempts, task.timeout)
+
+    # region: outage
+    def _connection(self) -> psycopg.Connection | None:
+        """The loop's connection; a new one if it was lost and a new attempt is due; None while
+        the database is away."""
+        if self._conn is not None:
+            return self._conn
+        if time.monotonic() < self._reconnect_at:
+            return None
+        try:
+            self._conn = self.connect()
+        except psycopg.OperationalError as err:
+            if not is_outage(err):
+                raise
+            self._lost(err)
+            return None
+        if self._down_since is not None:
+            away = time.monotonic() - self._down_since
+            log.warning("%s: database back after %.1fs; resuming", self.name, away)
+        self._down_since = None
+        self._backoff.reset()
+        return self._conn
+
+    def _lost(self, err: psycopg.OperationalError) -> None:
+        """The database is unreachable: one line in the log, and a reconnection, later."""
+        self._disconnect()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "%s: database unavailable (%s); the tasks in hand go on, reconnecting",
+                *(self.name, reason(err)),
+            )
+        self._reconnect_at = time.monotonic() + self._backoff.next_delay()
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _drop_unrecordable(self, finished: list[Finished]) -> None:
+        """Forget the outcomes whose lease ran out while the database was away.
+
+        They can no longer be recorded: the fence would refuse them, and the task is another
+        worker's to retry (or this one's, as a new attempt). So a worker stopped during an
+        outage waits for the database no longer than its leases.
+        """
+        now = time.monotonic()
+        for task, context, _ in finished:
+            if context.lease_deadline <= now:
+                log.warning(
+                    "%s: task %s attempt %s: the lease ran out during the outage; result dropped",
+                    *(self.name, task.id, task.attempts),
+                )
+        finished[:] = [item for item in finished if item[1].lease_deadline > now]
 
     # endregion
 
@@ -255,13 +396,16 @@ class Worker:
         live = [context for context in contexts if not context.stopped]
         if not live:
             return
+        sent_at = time.monotonic()
         kept = Querier(conn).extend_leases(
             lease=datetime.timedelta(seconds=self.lease),
             ids=[context.task_id for context in live],
             attempts=[context.attempt for context in live],
         )
         for context in live:
-            if context.task_id not in kept:
+            if context.task_id in kept:
+                context.lease_deadline = sent_at + self.lease
+            else:
                 context.stop(self._why_lost(conn, context))
 
     # endregion
@@ -281,7 +425,10 @@ class Worker:
             limit = context.timeout.total_seconds()
             timeout = TaskTimeout(f"attempt exceeded its timeout of {limit:g}s")
             failed = Querier(conn).fail_attempt(
-                error=describe_error(timeout), id=context.task_id, attempt=context.attempt
+                retryable=True,
+                error=describe_error(timeout),
+                id=context.task_id,
+                attempt=context.attempt,
             )
             context.stop(timeout if failed else self._why_lost(conn, context))
 
@@ -298,29 +445,32 @@ class Worker:
         )
 
     # region: execute
-    def _execute(self, task: Task, context: TaskContext) -> tuple[Any, str | None]:
-        """Run the task's function (on a pool thread); return (output, None) or (None, error)."""
+    def _execute(self, task: Task, context: TaskContext) -> Outcome:
+        """Run the task's function (on a pool thread) and say how it ended. Never raises.
+
+        Whatever the function returns or raises becomes an outcome the database can store: an
+        output, or an error as text (describe_error). A worker that let one task's exception
+        or return value escape would die with every other task it holds, and so would the next
+        worker to claim the same task: one poison task could take down the fleet.
+        """
         function = self.engine.registry[task.name]  # the claim only returns names we registered
         try:
             output = run_in_context(context, function, task.input)
-        # Exception, not BaseException: Ctrl-C (KeyboardInterrupt) stops the worker rather than
-        # failing the task. The task's lease then runs out, and another worker retries it.
-        except Exception as err:
-            return None, describe_error(err)
-        # Checked before writing, so the reason is ours ("a set is not JSON"), not a driver
-        # error that would crash the worker and leave the task running.
-        try:
-            check_json(output)
-        except (TypeError, ValueError) as err:
-            return None, f"return value is not JSON-serializable: {err}"
-        return output, None
+        # BaseException, not only Exception: a task that calls sys.exit() fails, and the worker
+        # goes on. (Ctrl-C never lands here: Python runs signal handlers on the main thread.)
+        except BaseException as err:
+            outcome = context.raised(err)
+        else:
+            outcome = context.returned(output)
+        report = context.report()
+        if report is not None:
+            log.info("%s: task %s attempt %s: %s", self.name, task.id, task.attempts, report)
+        return outcome
 
     # endregion
 
     # region: record
-    def _record(
-        self, conn: psycopg.Connection, results: list[tuple[Task, TaskContext, Any, str | None]]
-    ) -> None:
+    def _record(self, conn: psycopg.Connection, results: list[Finished]) -> None:
         """Write finished tasks' outcomes (on the loop thread, which owns the connection).
 
         All the completions with one statement: with many slots and short tasks, dozens finish
@@ -328,7 +478,9 @@ class Worker:
         most of this worker's speed. Failures one by one: each has its retry to schedule.
         """
         completed = [
-            (task, context, output) for task, context, output, error in results if error is None
+            (task, context, outcome.output)
+            for task, context, outcome in results
+            if outcome.error is None
         ]
         lost = []
         if completed:
@@ -341,10 +493,10 @@ class Worker:
                 )
             )
             lost += [(task, context) for task, context, _ in completed if task.id not in recorded]
-        for task, context, _, error in results:
-            if error is not None:
+        for task, context, outcome in results:
+            if outcome.error is not None:
                 try:
-                    self.fail(conn, task, error)
+                    self.fail(conn, task, outcome.error, retryable=outcome.retryable)
                 except LeaseLostError:
                     lost.append((task, context))
         for task, context in lost:
@@ -363,9 +515,13 @@ class Worker:
         if not Querier(conn).complete_tasks(done=done):
             raise self._no_longer_current(task)
 
-    def fail(self, conn: psycopg.Connection, task: Task, error: str) -> None:
+    def fail(
+        self, conn: psycopg.Connection, task: Task, error: str, retryable: bool = True
+    ) -> None:
         """Record the error: the task waits out a backoff and is retried, or fails for good."""
-        result = Querier(conn).fail_attempt(error=error, id=task.id, attempt=task.attempts)
+        result = Querier(conn).fail_attempt(
+            retryable=retryable, error=error, id=task.id, attempt=task.attempts
+        )
         if result is None:
             raise self._no_longer_current(task)
         if result.status == TaskStatus.SCHEDULED:
@@ -373,21 +529,31 @@ class Worker:
                 "%s: task %s attempt %s: %s; retry in %.2fs",
                 *(self.name, task.id, task.attempts, error, result.retry_in.total_seconds()),
             )
+        elif not retryable:
+            log.warning(
+                "%s: task %s attempt %s: %s; failed for good: the error is not retryable",
+                *(self.name, task.id, task.attempts, error),
+            )
 
     @staticmethod
     def _no_longer_current(task: Task) -> LeaseLostError:
         return LeaseLostError(
             f"task {task.id}: attempt {task.attempts} is no longer current"
-            " (cancelled, timed out, or taken over by another worker)"
+            " (cancelled, timed out, taken over by another worker, or recorded already, just"
+            " before a connection broke)"
         )
 
 
-def describe_error(err: BaseException) -> str:
-    """`ValueError: bad address`: the exception's type and message, as stored in the error."""
-    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
-    # must not crash the worker that records it.
-    message = str(err).replace("\x00", "\\x00")
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+def check_count(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_seconds(name: str, value: object, most: float) -> None:
+    # Written so that NaN fails it: every comparison with NaN is false.
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (ok and 0 < value <= most):
+        raise ValueError(f"{name} must be more than 0 and at most {most:g} seconds, got {value!r}")
 
 
 # --- a worker process ----------------------------------------------------------------------------
@@ -426,8 +592,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease", type=float, default=30.0, help="seconds")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds")
     args = parser.parse_args(argv)
-    if args.slots < 1 or args.lease <= 0 or args.poll_interval <= 0:
-        parser.error("--slots must be at least 1, --lease and --poll-interval more than 0")
     try:
         tasks = importlib.import_module(args.tasks)
     except ModuleNotFoundError as err:
@@ -447,19 +611,25 @@ def main(argv: list[str] | None = None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
+        print(
+            "stopping: no more claims, finishing the tasks in hand; send it again to stop at once",
+            file=sys.stderr,
+        )
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     with Engine(lesson_database_url()) as engine:
         tasks.register(engine)
-        worker = Worker(engine, args.name, args.slots, args.poll_interval, lease=args.lease)
+        try:
+            worker = Worker(engine, args.name, args.slots, args.poll_interval, lease=args.lease)
+        except ValueError as err:  # --lease nan, --slots 0...
+            parser.error(str(err).replace("poll_interval", "poll-interval"))
         print(
             f"{worker.name} (pid {os.getpid()}) runs {', '.join(engine.registry)}", file=sys.stderr
         )
         # The loop runs on a thread of its own, and the main thread only waits for it. Python
         # runs signal handlers on the main thread: were the loop there, the handler could
         # interrupt it inside stop.wait(), holding the lock that stop.set() needs: a deadlock.
-        # A daemon thread, so that a second Ctrl-C ends the process without waiting for it.
         failed: list[BaseException] = []
 
         def run() -> None:
@@ -475,7 +645,12 @@ def main(argv: list[str] | None = None) -> None:
             while loop.is_alive():
                 loop.join(0.5)
         except KeyboardInterrupt:
-            raise SystemExit(f"{worker.name}: stopped at once; its leases will run out") from None
+            # os._exit, not sys.exit: a normal exit waits for the threads that still run task
+            # functions (Python joins a thread pool's threads at exit), maybe for minutes.
+            # "At once" skips that, and every other clean-up: the leases are what clean up.
+            print(f"{worker.name}: stopped at once; its leases will run out", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)
     if failed:
         raise SystemExit(1)
 

@@ -23,6 +23,11 @@ What the function's author must know, decided here and explained in the README:
   StepError;
 - the code between steps runs again on every attempt: it must come to the same decisions
   given the same step results (no clock, no randomness outside a step; lesson 06).
+
+The database may go away while a step runs (a restart, a failover: outages.py). The step's
+result then waits, and its append is tried again with backoff, until the database answers or
+the lease has surely run out. An append whose answer was lost may have landed: the next try
+looks for it first, so that a step is never recorded twice.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import psycopg
 from db.models import EventKind, TaskEvent
 from db.queries import Querier
-from engine import check_json
+from engine import check_json, check_text, describe_error, describe_json_error
+from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
 from task_context import LeaseLostError, TaskContext, TaskStopped
 
@@ -99,10 +106,11 @@ class DurableContext(TaskContext):
             if self.attempt == 1:
                 self._history = []
             else:
-                with self._connections.connection() as conn:
-                    self._history = Querier(conn).load_history(
+                self._history = self._database(
+                    lambda conn, retried: Querier(conn).load_history(
                         task_id=self.task_id, attempt=self.attempt
                     )
+                )
         return self._history
 
     # region: step
@@ -115,8 +123,7 @@ class DurableContext(TaskContext):
         is over: nothing is recorded either, and the attempt that holds the task now, if any,
         runs the step.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a step needs a name, a non-empty string, not {name!r}")
+        check_step_name(name)
         if self._in_step is not None:
             # The outer step's result would be replayed without running it, so the inner
             # step's event would never be asked for, and the next step would get it instead.
@@ -144,6 +151,7 @@ class DurableContext(TaskContext):
         self._in_step = name
         started = time.monotonic()
         cause: BaseException | None = None
+        error: str | None = None
         try:
             result = function(*args, **kwargs)
         except TaskStopped:
@@ -153,13 +161,14 @@ class DurableContext(TaskContext):
         else:
             try:
                 check_json(result)
-            except (TypeError, ValueError) as err:
-                cause, error = err, f"returned a value that is not JSON-serializable: {err}"
+            except Exception as err:
+                problem = describe_json_error(err)
+                cause, error = err, f"returned a value that is not JSON-serializable: {problem}"
         finally:
             self._in_step = None
         duration = datetime.timedelta(seconds=time.monotonic() - started)
 
-        if cause is None:
+        if error is None:
             return self._append(seq, EventKind.STEP_COMPLETED, name, result, None, duration)
         # Not recorded: if the failure ends the attempt, the retry runs the step again.
         self._failure = _Failure(seq, name, error, duration)
@@ -178,11 +187,19 @@ class DurableContext(TaskContext):
         duration: datetime.timedelta,
     ) -> Any:
         """Append one event, fenced by the lease: ONE statement, one round trip, own commit."""
-        with self._connections.connection() as conn:
-            row = Querier(conn).append_event(
+
+        def append(conn: psycopg.Connection, retried: bool) -> Any:
+            queries = Querier(conn)
+            if retried:  # the last try's connection broke: maybe after its commit
+                event = queries.get_event(task_id=self.task_id, seq=seq, attempt=self.attempt)
+                if event is not None:
+                    return event
+            return queries.append_event(
                 task_id=self.task_id, attempt=self.attempt, seq=seq, kind=kind, name=name,
                 result=result, error=error, duration=duration,
             )  # fmt: skip
+
+        row = self._database(append)
         if row is None:
             # Fenced out: the database ended this attempt (a timeout or a cancel, which the
             # heartbeat may already have told us about), or its lease ran out, and another
@@ -197,12 +214,50 @@ class DurableContext(TaskContext):
 
     # endregion
 
+    # region: outages
+    def _database(self, work: Callable[[psycopg.Connection, bool], T]) -> T:
+        """`work(conn, retried)` on a step connection, tried again through an outage.
 
-# Moved here from worker.py, which imports this module: a step's error is described the same
-# way as a task's.
-def describe_error(err: BaseException) -> str:
-    """`ValueError: bad address`: the exception's type and message, as stored in the error."""
-    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
-    # must not crash the worker that records it.
-    message = str(err).replace("\x00", "\\x00")
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+        The database away is not the step's failure: the attempt waits for it, with backoff.
+        `retried` tells `work` that its last try's connection broke, maybe after the commit.
+        Past the lease, it gives up: the heartbeats could not reach the database either, so
+        the lease has run out, and the task is another attempt's to run (LeaseLostError).
+        """
+        backoff = Backoff()
+        retried = False
+        while True:
+            wait_for = max(0.1, min(5.0, self.lease_deadline - time.monotonic()))
+            try:
+                with self._connections.connection(timeout=wait_for) as conn:
+                    return work(conn, retried)
+            except psycopg.OperationalError as err:
+                if not is_outage(err):
+                    raise
+            retried = True
+            delay = backoff.next_delay()
+            if time.monotonic() + delay >= self.lease_deadline:
+                lost = self.reason or LeaseLostError(
+                    f"task {self.task_id}: attempt {self.attempt}: the database was unavailable"
+                    " for longer than the lease"
+                )
+                self.stop(lost)
+                raise lost
+            self.sleep(delay)  # ends early, raising, if the worker stops the attempt
+
+    # endregion
+
+    def report(self) -> str | None:
+        """For the worker's log: how much of the function's work the log saved (a retry)."""
+        if not self.replayed:
+            return None
+        return f"{self.replayed} steps replayed from the log, {self.ran} run"
+
+
+def check_step_name(name: object) -> None:
+    """Raise ValueError unless `name` is a non-empty string the log can store."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a step needs a name, a non-empty string, not {name!r}")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise ValueError(f"step name {name!r} cannot be stored: {err}") from None

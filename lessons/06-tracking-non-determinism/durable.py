@@ -31,6 +31,11 @@ instead of handing one step's result to another step. A function that returns wh
 holds more than it asked for diverged too. The usual traps get helpers that record what they
 read: ctx.now(), ctx.random(), ctx.uuid4(); and a change that must reach tasks already in
 flight goes behind `if ctx.patched("name"):`.
+
+The database may go away while a step runs (a restart, a failover: outages.py). The step's
+result then waits, and its append is tried again with backoff, until the database answers or
+the lease has surely run out. An append whose answer was lost may have landed: the next try
+looks for it first, so that a step is never recorded twice.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import psycopg
 from db.models import EventKind, TaskEvent
 from db.queries import Querier
-from engine import check_json
+from engine import check_json, check_text, describe_error, describe_json_error
+from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
-from task_context import LeaseLostError, TaskContext, TaskStopped
+from task_context import LeaseLostError, Outcome, TaskContext, TaskStopped
 
 T = TypeVar("T")
 
@@ -213,10 +220,11 @@ class DurableContext(TaskContext):
             if self.attempt == 1:
                 self._history = []
             else:
-                with self._connections.connection() as conn:
-                    self._history = Querier(conn).load_history(
+                self._history = self._database(
+                    lambda conn, retried: Querier(conn).load_history(
                         task_id=self.task_id, attempt=self.attempt
                     )
+                )
         return self._history
 
     # region: step
@@ -240,8 +248,7 @@ class DurableContext(TaskContext):
         `hash_input=True` records a hash of the arguments too, and a replay that passes other
         arguments diverges. (So `hash_input` is the step's own option: `function` never gets it.)
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a step needs a name, a non-empty string, not {name!r}")
+        check_call_name("a step", name)
         input_hash = hash_arguments(name, args, kwargs) if hash_input else None
         event = self._replay(Call("step", name, input_hash))
         if event is not None:  # replay: the step is in the log, do not run it
@@ -257,6 +264,7 @@ class DurableContext(TaskContext):
         self._in_step = name
         started = time.monotonic()
         cause: BaseException | None = None
+        error: str | None = None
         try:
             result = function(*args, **kwargs)
         except TaskStopped:
@@ -266,13 +274,14 @@ class DurableContext(TaskContext):
         else:
             try:
                 check_json(result)
-            except (TypeError, ValueError) as err:
-                cause, error = err, f"returned a value that is not JSON-serializable: {err}"
+            except Exception as err:
+                problem = describe_json_error(err)
+                cause, error = err, f"returned a value that is not JSON-serializable: {problem}"
         finally:
             self._in_step = None
         duration = datetime.timedelta(seconds=time.monotonic() - started)
 
-        if cause is None:
+        if error is None:
             return self._append(
                 seq, EventKind.STEP_COMPLETED, name, input_hash, result, None, duration
             )
@@ -394,8 +403,7 @@ class DurableContext(TaskContext):
         One answer per run: asking again returns it. Once no task recorded without the patch is
         left, delete the old path and the call: a marker that nothing asks for is passed over.
         """
-        if not isinstance(patch, str) or not patch:
-            raise ValueError(f"a patch needs a name, a non-empty string, not {patch!r}")
+        check_call_name("a patch", patch)
         if patch in self._patches:
             return self._patches[patch]
         event = self._next_event(Call("patch", patch))
@@ -427,11 +435,19 @@ class DurableContext(TaskContext):
         duration: datetime.timedelta,
     ) -> Any:
         """Append one event, fenced by the lease: ONE statement, one round trip, own commit."""
-        with self._connections.connection() as conn:
-            row = Querier(conn).append_event(
+
+        def append(conn: psycopg.Connection, retried: bool) -> Any:
+            queries = Querier(conn)
+            if retried:  # the last try's connection broke: maybe after its commit
+                event = queries.get_event(task_id=self.task_id, seq=seq, attempt=self.attempt)
+                if event is not None:
+                    return event
+            return queries.append_event(
                 task_id=self.task_id, attempt=self.attempt, seq=seq, kind=kind, name=name,
                 input_hash=input_hash, result=result, error=error, duration=duration,
             )  # fmt: skip
+
+        row = self._database(append)
         if row is None:
             # Fenced out: the database ended this attempt (a timeout or a cancel, which the
             # heartbeat may already have told us about), or its lease ran out, and another
@@ -446,12 +462,72 @@ class DurableContext(TaskContext):
 
     # endregion
 
+    # region: outages
+    def _database(self, work: Callable[[psycopg.Connection, bool], T]) -> T:
+        """`work(conn, retried)` on a step connection, tried again through an outage.
 
-# Moved here from worker.py, which imports this module: a step's error is described the same
-# way as a task's.
-def describe_error(err: BaseException) -> str:
-    """`ValueError: bad address`: the exception's type and message, as stored in the error."""
-    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
-    # must not crash the worker that records it.
-    message = str(err).replace("\x00", "\\x00")
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+        The database away is not the step's failure: the attempt waits for it, with backoff.
+        `retried` tells `work` that its last try's connection broke, maybe after the commit.
+        Past the lease, it gives up: the heartbeats could not reach the database either, so
+        the lease has run out, and the task is another attempt's to run (LeaseLostError).
+        """
+        backoff = Backoff()
+        retried = False
+        while True:
+            wait_for = max(0.1, min(5.0, self.lease_deadline - time.monotonic()))
+            try:
+                with self._connections.connection(timeout=wait_for) as conn:
+                    return work(conn, retried)
+            except psycopg.OperationalError as err:
+                if not is_outage(err):
+                    raise
+            retried = True
+            delay = backoff.next_delay()
+            if time.monotonic() + delay >= self.lease_deadline:
+                lost = self.reason or LeaseLostError(
+                    f"task {self.task_id}: attempt {self.attempt}: the database was unavailable"
+                    " for longer than the lease"
+                )
+                self.stop(lost)
+                raise lost
+            self.sleep(delay)  # ends early, raising, if the worker stops the attempt
+
+    # endregion
+
+    # region: hooks
+    def returned(self, output: Any) -> Outcome:
+        """The function returned: did it make every call its history holds? (finish())"""
+        try:
+            self.finish()
+        except Exception as err:  # NonDeterminismError, or the attempt ended meanwhile
+            return self.raised(err)
+        return self._unless_diverged(super().returned(output))
+
+    def raised(self, err: BaseException) -> Outcome:
+        return self._unless_diverged(super().raised(err))
+
+    def _unless_diverged(self, outcome: Outcome) -> Outcome:
+        """However the function ended (it may have caught NonDeterminismError, and returned or
+        raised another), a run that diverged from its history fails with that reason, and
+        for good: the same code would diverge again, the same way, on every retry."""
+        if self.diverged is None:
+            return outcome
+        return Outcome(error=describe_error(self.diverged), retryable=False)
+
+    def report(self) -> str | None:
+        """For the worker's log: how much of the function's work the log saved (a retry)."""
+        if not self.replayed:
+            return None
+        return f"{self.replayed} events replayed from the log, {self.ran} steps run"
+
+    # endregion
+
+
+def check_call_name(what: str, name: object) -> None:
+    """Raise ValueError unless `name` is a non-empty string the log can store."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} needs a name, a non-empty string, not {name!r}")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise ValueError(f"{what} named {name!r} cannot be stored: {err}") from None

@@ -12,12 +12,15 @@ import dataclasses
 import datetime
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import psycopg
 from db.models import OperatorAction, OperatorActionKind, Task, TaskAttempt, TaskEvent
 from db.queries import Querier
-from psycopg_pool import ConnectionPool
+from outages import DatabaseUnavailableError, is_outage, reason
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 TaskFunction = Callable[[Any], Any]
 F = TypeVar("F", bound=TaskFunction)
@@ -43,32 +46,155 @@ class TaskStateError(ValueError):
     """retry() or replay() of a task that has not failed (or been cancelled)."""
 
 
+class IdempotencyKeyError(ValueError):
+    """enqueue() was given an idempotency key that an earlier enqueue used for another task."""
+
+
 # max_running, priority and max_attempts are `integer` columns: PostgreSQL's int4.
 MAX_RUNNING_LIMIT = 2**31 - 1
+# Task ids are `bigint`: PostgreSQL's int8.
+MAX_TASK_ID = 2**63 - 1
+
+# How the engine opens every connection: the Engine's pool, a worker's own connection and its
+# step connections alike.
+CONNECTION_OPTIONS: dict[str, Any] = {
+    # Each statement commits on its own, unless the code opens a transaction itself.
+    "autocommit": True,
+    # A server that does not answer is an outage after 5 seconds, not a hang: libpq's default
+    # is to wait forever. Over TCP, the keepalives notice within a minute a server that vanished
+    # without a word (a host that lost power sends no goodbye).
+    "connect_timeout": 5,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    # Plan every statement for the tables as they are now. psycopg prepares a statement it has
+    # run five times, and PostgreSQL may then keep one "generic" plan for it, chosen for the
+    # tables as they were at that moment: a plan made while task_attempts held fifty rows reads
+    # all of it to update one, and goes on doing so at a million (README: "Stale plans").
+    "options": "-c plan_cache_mode=force_custom_plan",
+}
+
+# region: json
+# The deepest nesting a stored JSON value may have. PostgreSQL would take deeper ones, but
+# Python's json module, which psycopg uses both ways, gives up at its recursion limit (a
+# thousand levels, less whatever the stack holds already). No sane document needs a hundred.
+MAX_JSON_DEPTH = 100
 
 
 def check_json(value: object) -> None:
-    """Raise TypeError or ValueError unless `value` can be stored in a jsonb column.
+    """Raise TypeError or ValueError unless `value` can be stored in a jsonb column as it is.
 
-    `allow_nan=False`: Python happily writes `NaN` and `Infinity`, which are not JSON, and
-    PostgreSQL would reject them only later, inside the INSERT. What comes back from the database
-    is what JSON can say: tuples come back as lists, and integer dict keys as strings.
-    The NUL character is valid JSON but PostgreSQL refuses it in jsonb, hence the second check.
+    Checked here, where the mistake is, rather than by the database later, in a worker:
+    - dicts, lists (tuples become lists), strings, numbers, True, False and None only;
+    - dict keys are strings: json.dumps would turn the key 1 into "1" without a word, and
+      `{1: "a", "1": "b"}` into `{"1": "b"}`;
+    - no NaN or Infinity, which are not JSON (`allow_nan=False`);
+    - text PostgreSQL can store (check_text);
+    - at most MAX_JSON_DEPTH levels deep (a list that contains itself never ends).
+    What comes back from the database is what JSON can say: tuples come back as lists.
     """
-    json.dumps(value, allow_nan=False)
-    if contains_nul(value):
-        raise ValueError("it contains a NUL character (\\x00), which PostgreSQL cannot store")
+    _check_structure(value, depth=1)
+    json.dumps(value, allow_nan=False)  # the types, NaN and infinity
 
 
-def contains_nul(value: object) -> bool:
-    """Whether a string anywhere in `value` (dict keys included) holds the NUL character."""
+def _check_structure(value: object, depth: int) -> None:
     if isinstance(value, str):
-        return "\x00" in value
+        check_text(value)
+        return
+    if not isinstance(value, dict | list | tuple):
+        return
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"it is nested more than {MAX_JSON_DEPTH} levels deep (or contains itself)"
+        )
     if isinstance(value, dict):
-        return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(contains_nul(item) for item in value)
-    return False
+        for key, item in value.items():
+            if not isinstance(key, str):
+                # Not the key's repr(): it is the caller's code, and could raise.
+                raise TypeError(f"dict keys must be strings, not {type(key).__name__}")
+            check_text(key)
+            _check_structure(item, depth + 1)
+    else:
+        for item in value:
+            _check_structure(item, depth + 1)
+
+
+def check_text(text: str) -> None:
+    """Raise ValueError unless PostgreSQL can store `text`: no NUL, valid UTF-8.
+
+    PostgreSQL refuses the NUL character in text and jsonb alike. A lone surrogate, half of a
+    UTF-16 pair, is what Python makes of bytes that are not UTF-8 (`os.fsdecode` of a file
+    name, say); it has no UTF-8 form at all, so it cannot even be sent.
+    """
+    if "\x00" in text:
+        raise ValueError("it contains a NUL character (\\x00), which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start : err.end].encode("utf-8", "backslashreplace").decode()
+        raise ValueError(
+            f"it contains {bad}, a lone surrogate, which is not valid UTF-8 (decode bytes with"
+            " errors='replace', or store them as base64)"
+        ) from None
+
+
+def json_problem(value: object) -> str | None:
+    """Why `value` cannot be stored as JSON (check_json), as storable text; None if it can.
+
+    For what a task returns: whatever that is, the answer is text the worker can record.
+    """
+    try:
+        check_json(value)
+    except Exception as err:
+        return describe_json_error(err)
+    return None
+
+
+def describe_json_error(err: Exception) -> str:
+    """What check_json raised, as storable text: its message, or, for anything other than the
+    TypeError or ValueError it raises itself, what a container of the caller's own raised."""
+    if isinstance(err, TypeError | ValueError):
+        return storable_text(error_message(err), MAX_ERROR_LENGTH)
+    return describe_error(err)
+
+
+# endregion
+
+# region: describe_error
+# An error message is for people: long enough for a message and its context, short enough that
+# a task raising a megabyte of text does not copy it into every row that records the failure.
+MAX_ERROR_LENGTH = 2000
+
+
+def describe_error(err: BaseException) -> str:
+    """`ValueError: bad address`: the exception's type and message, as the database stores it.
+
+    Whatever the exception is made of, this returns text the database can store, so that a
+    task's failure is recorded as one, and never crashes the worker recording it.
+    """
+    message = error_message(err)
+    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    return storable_text(text, MAX_ERROR_LENGTH)
+
+
+def error_message(err: BaseException) -> str:
+    """`str(err)`, or a placeholder if the exception's own __str__ raises."""
+    try:
+        return str(err)
+    # BaseException: a __str__ that raises anything must not take the worker down with it.
+    except BaseException as broken:
+        return f"<str() of the exception raised {type(broken).__name__}>"
+
+
+def storable_text(text: str, limit: int) -> str:
+    """`text`, with NUL and lone surrogates escaped (check_text), cut to `limit` characters."""
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text) - limit} more characters)"
+    return text
+
+
+# endregion
 
 
 # region: options
@@ -107,17 +233,55 @@ class Engine:
     knows. The `tasks` table stores only a task's name; the registry turns it back into code.
     """
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, connect_timeout: float = 5.0) -> None:
         self.database_url = database_url
         self.registry: dict[str, TaskFunction] = {}
         self.options: dict[str, TaskOptions] = {}  # each registered name's defaults
+        # How long a call waits for a connection before it raises DatabaseUnavailableError.
+        self.connect_timeout = connect_timeout
         # A pool rather than a connection per call: connecting costs a few milliseconds (the
         # server forks a process), an INSERT a fraction of one. And rather than one shared
         # connection: threads would take turns on it, and a transaction one thread opened would
         # swallow the other threads' statements. The pool lends each caller its own.
-        # Autocommit: each query commits on its own unless we open a transaction ourselves.
+        # `check`: an empty query on each loan (a round trip, about 0.05 ms here) finds the
+        # connections a database restart broke, and replaces them before our statement is sent,
+        # so the first call after a restart works. Without it, the call would fail, and could
+        # not tell whether its write had happened.
         self.pool = ConnectionPool(
-            database_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True
+            database_url,
+            min_size=1,
+            max_size=4,
+            kwargs=CONNECTION_OPTIONS,
+            check=ConnectionPool.check_connection,
+            open=True,
+        )
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A connection from the pool, for one call. DatabaseUnavailableError, naming the cause,
+        when none can be had within `connect_timeout` seconds, or when it breaks during the call.
+        """
+        try:
+            with self.pool.connection(timeout=self.connect_timeout) as conn:
+                yield conn
+        except psycopg.OperationalError as err:
+            if not is_outage(err):
+                raise
+            if isinstance(err, PoolTimeout):
+                cause = self._why_no_connection()
+            else:
+                cause = reason(err)
+            raise DatabaseUnavailableError(f"database unavailable: {cause}") from err
+
+    def _why_no_connection(self) -> str:
+        """The pool only says it timed out (its log has why): ask the server once, directly."""
+        try:
+            psycopg.connect(self.database_url, connect_timeout=5).close()
+        except psycopg.Error as err:
+            return reason(err)
+        return (
+            f"no connection free in the pool after {self.connect_timeout:g}s"
+            f" (all {self.pool.max_size} in use)"
         )
 
     def close(self) -> None:
@@ -137,6 +301,7 @@ class Engine:
         is safe, and renaming the task is a change of contract between deploys. `options` are
         the task's defaults (TaskOptions); a bad one is refused here, when the module loads.
         """
+        check_name("task name", name)
         defaults = with_options(TaskOptions(), options)
 
         def register(function: F) -> F:
@@ -153,6 +318,7 @@ class Engine:
         name: str,
         input: Any = None,
         *,
+        idempotency_key: str | None = None,
         concurrency_key: str | None = None,
         max_running: int | None = None,
         delay: float = 0,
@@ -160,6 +326,13 @@ class Engine:
         **options: Any,
     ) -> int:
         """Add a task to the queue and return its id. Nothing is written if the task is invalid.
+
+        `idempotency_key` (an order id, a request id) makes the enqueue safe to repeat: an
+        enqueue that names a key used before writes nothing and returns the id of the task it
+        created. A producer whose enqueue failed with a broken connection cannot know whether
+        the task was written; with a key, it simply enqueues again. The key is remembered as
+        long as its task is (retention deletes both). IdempotencyKeyError if that task has
+        another name or input: one key, one request.
 
         `concurrency_key` (a tenant id, say) and `max_running` go together: across all workers, at
         most `max_running` tasks with that key run at once. The limit belongs to the key, and
@@ -173,19 +346,20 @@ class Engine:
 
         Every check happens here, in the caller's process, because this is where the mistake is
         and where a traceback helps: a typo found by a worker hours later helps no one.
+        DatabaseUnavailableError if the database cannot be reached.
         """
-        ids = self.enqueue_many(
+        ids = self._enqueue(
             name,
             [input],
+            idempotency_key,
             concurrency_key=concurrency_key,
             max_running=max_running,
             delay=delay,
             run_at=run_at,
-            **options,
+            options=options,
         )
         return ids[0]
 
-    # region: enqueue
     def enqueue_many(
         self,
         name: str,
@@ -202,9 +376,34 @@ class Engine:
         One round trip and one commit for the lot: a commit waits for the disk, and a thousand
         commits wait a thousand times.
         """
-        inputs = list(inputs)
+        return self._enqueue(
+            name,
+            list(inputs),
+            None,
+            concurrency_key=concurrency_key,
+            max_running=max_running,
+            delay=delay,
+            run_at=run_at,
+            options=options,
+        )
+
+    # region: enqueue
+    def _enqueue(
+        self,
+        name: str,
+        inputs: list[Any],
+        idempotency_key: str | None,
+        *,
+        concurrency_key: str | None,
+        max_running: int | None,
+        delay: float,
+        run_at: datetime.datetime | None,
+        options: dict[str, Any],
+    ) -> list[int]:
         chosen = self._check(name, inputs, delay, run_at, options)
         check_concurrency_options(concurrency_key, max_running)
+        if idempotency_key is not None:
+            check_name("idempotency_key", idempotency_key)
         params = dict(
             name=name,
             concurrency_key=concurrency_key,
@@ -216,27 +415,51 @@ class Engine:
             backoff_cap=seconds(chosen.backoff_cap),
             timeout=seconds(chosen.timeout),
         )
-        with self.pool.connection() as conn:
+        with self.connection() as conn:
             queries = Querier(conn)
             if concurrency_key is None:
                 # One statement, in autocommit: one round trip. (BEGIN and COMMIT would be two
                 # more, which is most of the cost of enqueueing a single task.)
-                return self._insert(queries, inputs, params)
+                return self._insert(queries, inputs, idempotency_key, params)
             # The key's row first: the task's foreign key needs it. One transaction, so the
             # two writes commit together (and cost one commit, not two).
             with conn.transaction():
                 queries.upsert_concurrency_key(key=concurrency_key, max_running=max_running)
-                return self._insert(queries, inputs, params)
+                return self._insert(queries, inputs, idempotency_key, params)
 
     # endregion
 
+    # region: insert
     @staticmethod
-    def _insert(queries: Querier, inputs: list[Any], params: dict[str, Any]) -> list[int]:
+    def _insert(
+        queries: Querier, inputs: list[Any], idempotency_key: str | None, params: dict[str, Any]
+    ) -> list[int]:
+        """INSERT the tasks; with an idempotency key, return the earlier task's id if it exists.
+
+        The key's check is the unique index, not a SELECT first: two enqueues with one key at
+        the same instant would both find nothing, and both insert. With the index, the second
+        INSERT waits for the first to commit, then inserts nothing (ON CONFLICT DO NOTHING).
+        The SELECT after it is a new statement, with a new snapshot, which holds that row.
+        """
         if len(inputs) != 1:
             return queries.enqueue_tasks(inputs=inputs, **params)
-        task_id = queries.enqueue_task(input=inputs[0], **params)
-        assert task_id is not None  # INSERT ... RETURNING always returns the row it inserted
-        return [task_id]
+        while True:
+            task_id = queries.enqueue_task(
+                input=inputs[0], idempotency_key=idempotency_key, **params
+            )
+            if task_id is not None:
+                return [task_id]
+            earlier = queries.get_task_by_idempotency_key(idempotency_key=idempotency_key)
+            if earlier is None:
+                continue  # deleted in between by the retention query: the key is free again
+            if earlier.name != params["name"] or earlier.input != json.loads(json.dumps(inputs[0])):
+                raise IdempotencyKeyError(
+                    f"idempotency key {idempotency_key!r} was used by task {earlier.id}"
+                    f" ({earlier.name!r}) with another name or input: one key, one request"
+                )
+            return [earlier.id]
+
+    # endregion
 
     def _check(
         self,
@@ -269,12 +492,16 @@ class Engine:
 
     def get(self, task_id: int) -> Task | None:
         """The task's row as it is now (status, output or error, who ran it), or None."""
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            return None
+        with self.connection() as conn:
             return Querier(conn).get_task(id=task_id)
 
     def attempts(self, task_id: int) -> list[TaskAttempt]:
         """Every attempt of the task, first to last: who ran it, when, and how it ended."""
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            return []
+        with self.connection() as conn:
             return Querier(conn).list_attempts(task_id=task_id)
 
     def events(self, task_id: int) -> list[TaskEvent]:
@@ -282,12 +509,16 @@ class Engine:
 
         Every history of the task, in order: `event.replay` tells them apart (0 is the first).
         """
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            return []
+        with self.connection() as conn:
             return Querier(conn).list_events(task_id=task_id)
 
     def actions(self, task_id: int) -> list[OperatorAction]:
         """What operators did to the task (retry, replay), first to last: the audit."""
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            return []
+        with self.connection() as conn:
             return Querier(conn).list_operator_actions(task_id=task_id)
 
     def wait(self, task_id: int, timeout: float = 60.0) -> Task:
@@ -295,6 +526,7 @@ class Engine:
 
         Polling every 50 ms, because this lesson has nothing better (no LISTEN/NOTIFY yet).
         """
+        check_seconds("timeout", timeout, positive=False)
         deadline = time.monotonic() + timeout
         while True:
             task = self.get(task_id)
@@ -314,13 +546,36 @@ class Engine:
         nothing its worker writes later can complete or fail it; the worker's next heartbeat
         tells the function (TaskCancelled, from `current_task().check()` or `.sleep()`).
         """
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            raise TaskNotFoundError(f"no task with id {task_id!r}")
+        with self.connection() as conn:
             queries = Querier(conn)
             if queries.cancel_task(id=task_id) is not None:
                 return True
             if queries.get_task(id=task_id) is None:
                 raise TaskNotFoundError(f"no task with id {task_id}")
             return False
+
+    # endregion
+
+    # region: cleanup
+    def cleanup(self, older_than: float, batch: int = 1000) -> int:
+        """Delete the tasks (and attempts) that finished over `older_than` seconds ago; how many.
+
+        Run it from cron, or from a worker now and then. The claim's indexes hold only unfinished
+        tasks, so old rows do not slow claims down, but they take disk space and make every
+        vacuum, backup and dashboard query slower. Batches keep each transaction short.
+        """
+        check_seconds("older_than", older_than, positive=False)
+        check_int("batch", batch, 1, 100_000)
+        deleted = 0
+        with self.connection() as conn:
+            queries = Querier(conn)
+            while True:
+                n = queries.delete_finished_tasks(older_than=seconds(older_than), batch=batch)
+                deleted += n
+                if n < batch:
+                    return deleted
 
     # endregion
 
@@ -353,7 +608,9 @@ class Engine:
         which is over, so the database refuses them, and the next claim starts a new one.
         """
         check_int("attempts", attempts, 1, 1000)
-        with self.pool.connection() as conn:
+        if not is_task_id(task_id):
+            raise TaskNotFoundError(f"no task with id {task_id!r}")
+        with self.connection() as conn:
             queries = Querier(conn)
             row = queries.requeue_task(id=task_id, action=action, more_attempts=attempts)
             if row is not None:
@@ -368,27 +625,6 @@ class Engine:
 
     # endregion
 
-    # region: cleanup
-    def cleanup(self, older_than: float, batch: int = 1000) -> int:
-        """Delete the tasks (and attempts) that finished over `older_than` seconds ago; how many.
-
-        Run it from cron, or from a worker now and then. The claim's indexes hold only unfinished
-        tasks, so old rows do not slow claims down, but they take disk space and make every
-        vacuum, backup and dashboard query slower. Batches keep each transaction short.
-        """
-        check_seconds("older_than", older_than, positive=False)
-        check_int("batch", batch, 1, 100_000)
-        deleted = 0
-        with self.pool.connection() as conn:
-            queries = Querier(conn)
-            while True:
-                n = queries.delete_finished_tasks(older_than=seconds(older_than), batch=batch)
-                deleted += n
-                if n < batch:
-                    return deleted
-
-    # endregion
-
 
 def check_concurrency_options(concurrency_key: object, max_running: object) -> None:
     """Raise TaskOptionError unless both are None, or a non-empty key and a limit in range."""
@@ -398,10 +634,7 @@ def check_concurrency_options(concurrency_key: object, max_running: object) -> N
         raise TaskOptionError(
             f"max_running={max_running!r} needs a concurrency_key: it limits the tasks sharing one"
         )
-    if not isinstance(concurrency_key, str) or not concurrency_key:
-        raise TaskOptionError(
-            f"concurrency_key must be a non-empty string, got {concurrency_key!r}"
-        )
+    check_name("concurrency_key", concurrency_key)
     if max_running is None:
         raise TaskOptionError(
             f"concurrency_key {concurrency_key!r} needs max_running: how many of its tasks may run"
@@ -427,6 +660,27 @@ def with_options(base: TaskOptions, overrides: dict[str, Any]) -> TaskOptions:
     return dataclasses.replace(base, **overrides)
 
 
+def check_name(what: str, name: object) -> None:
+    """Raise TaskOptionError unless `name` is a non-empty string the database can store."""
+    if not isinstance(name, str) or not name:
+        raise TaskOptionError(f"{what} must be a non-empty string, got {name!r}")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise TaskOptionError(f"{what} {name!r} cannot be stored: {err}") from None
+
+
+def is_task_id(task_id: object) -> bool:
+    """Whether `task_id` could be a task's id; TypeError if it is not even an integer.
+
+    Checked before any query: `engine.cancel("12")` is a mistake to point out, not a driver
+    error to decode; and an integer too large for a bigint names no task at all.
+    """
+    if not isinstance(task_id, int) or isinstance(task_id, bool):
+        raise TypeError(f"a task id is an integer, got {task_id!r}")
+    return 1 <= task_id <= MAX_TASK_ID
+
+
 def check_int(name: str, value: object, low: int, high: int) -> None:
     # bool is a subclass of int, and `max_attempts=True` is surely a mistake.
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
@@ -434,10 +688,13 @@ def check_int(name: str, value: object, low: int, high: int) -> None:
 
 
 def check_seconds(name: str, value: object, *, positive: bool) -> None:
+    """Raise TaskOptionError unless `value` is a number of seconds: at least a millisecond if
+    `positive` (the database keeps microseconds, and `timeout=1e-9` would be stored as 0), at
+    least 0 otherwise, and less than 1e9 (about 31 years)."""
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     # `value < 1e9` also refuses NaN (every comparison with NaN is false) and infinity.
-    if not ok or not (0 < value < 1e9 if positive else 0 <= value < 1e9):
-        bound = "more than 0" if positive else "0 or more"
+    if not ok or not (0.001 <= value < 1e9 if positive else 0 <= value < 1e9):
+        bound = "at least 0.001" if positive else "0 or more"
         raise TaskOptionError(f"{name} must be a number of seconds, {bound}, got {value!r}")
 
 

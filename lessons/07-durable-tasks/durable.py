@@ -44,6 +44,11 @@ Waiting is an event too: once every awaited child has finished, how each ended i
 unfinished, the task does not hold its worker: the attempt ends as suspended (TaskSuspended),
 the slot is free, and when the last awaited child finishes, it queues the task again, which
 replays its log up to the wait, and goes on.
+
+The database may go away while a step runs (a restart, a failover: outages.py). The step's
+result then waits, and its append is tried again with backoff, until the database answers or
+the lease has surely run out. An append whose answer was lost may have landed: the next try
+looks for it first, so that a step is never recorded twice.
 """
 
 from __future__ import annotations
@@ -57,14 +62,26 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from db.models import EventKind, TaskEvent
+import psycopg
+from db.models import EventKind, TaskEvent, TaskStatus
 from db.queries import Querier, RecordChildOutcomesRow
-from engine import Engine, TaskInputError, UnknownTaskError, check_json, seconds, with_options
+from engine import (
+    Engine,
+    TaskInputError,
+    UnknownTaskError,
+    check_json,
+    check_text,
+    describe_error,
+    describe_json_error,
+    seconds,
+    with_options,
+)
+from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
-from task_context import LeaseLostError, TaskContext, TaskStopped, TaskSuspended
+from task_context import LeaseLostError, Outcome, TaskContext, TaskStopped, TaskSuspended
 
 T = TypeVar("T")
 
@@ -236,6 +253,8 @@ class DurableContext(TaskContext):
     waits for another's, nor for the worker's loop, which has its own connection.
     """
 
+    may_have_children = True
+
     def __init__(
         self,
         connections: ConnectionPool,
@@ -271,10 +290,11 @@ class DurableContext(TaskContext):
             if self.attempt == 1:
                 self._history = []
             else:
-                with self._connections.connection() as conn:
-                    self._history = Querier(conn).load_history(
+                self._history = self._database(
+                    lambda conn, retried: Querier(conn).load_history(
                         task_id=self.task_id, attempt=self.attempt
                     )
+                )
         return self._history
 
     # region: step
@@ -298,8 +318,7 @@ class DurableContext(TaskContext):
         `hash_input=True` records a hash of the arguments too, and a replay that passes other
         arguments diverges. (So `hash_input` is the step's own option: `function` never gets it.)
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"a step needs a name, a non-empty string, not {name!r}")
+        check_call_name("a step", name)
         input_hash = hash_arguments(name, args, kwargs) if hash_input else None
         event = self._replay(Call("step", name, input_hash))
         if event is not None:  # replay: the step is in the log, do not run it
@@ -315,6 +334,7 @@ class DurableContext(TaskContext):
         self._in_step = name
         started = time.monotonic()
         cause: BaseException | None = None
+        error: str | None = None
         try:
             result = function(*args, **kwargs)
         except TaskStopped:
@@ -324,13 +344,14 @@ class DurableContext(TaskContext):
         else:
             try:
                 check_json(result)
-            except (TypeError, ValueError) as err:
-                cause, error = err, f"returned a value that is not JSON-serializable: {err}"
+            except Exception as err:
+                problem = describe_json_error(err)
+                cause, error = err, f"returned a value that is not JSON-serializable: {problem}"
         finally:
             self._in_step = None
         duration = datetime.timedelta(seconds=time.monotonic() - started)
 
-        if cause is None:
+        if error is None:
             return self._append(
                 seq, EventKind.STEP_COMPLETED, name, input_hash, result, None, duration
             )
@@ -341,16 +362,20 @@ class DurableContext(TaskContext):
     # endregion
 
     # region: replay
-    def _replay(self, call: Call) -> TaskEvent | None:
+    def _replay(
+        self, call: Call, explain: Callable[[TaskEvent], str] | None = None
+    ) -> TaskEvent | None:
         """The event the history recorded for `call`; None past its end: the call runs.
 
-        Raises NonDeterminismError if the history recorded another call at this place.
+        Raises NonDeterminismError if the history recorded another call at this place, with
+        what `explain` adds to its message.
         """
         event = self._next_event(call)
         if event is None:
             return None
         if not call.matches(event):
-            self.diverged = NonDeterminismError(self.task_id, event, call)
+            detail = "" if explain is None else explain(event)
+            self.diverged = NonDeterminismError(self.task_id, event, call, detail)
             raise self.diverged
         self._seq += 1
         return event
@@ -452,8 +477,7 @@ class DurableContext(TaskContext):
         One answer per run: asking again returns it. Once no task recorded without the patch is
         left, delete the old path and the call: a marker that nothing asks for is passed over.
         """
-        if not isinstance(patch, str) or not patch:
-            raise ValueError(f"a patch needs a name, a non-empty string, not {patch!r}")
+        check_call_name("a patch", patch)
         if patch in self._patches:
             return self._patches[patch]
         event = self._next_event(Call("patch", patch))
@@ -481,6 +505,8 @@ class DurableContext(TaskContext):
         its registered TaskOptions). Replays of this call return the same child: its spawn is
         an event, and the child's row and the event are written by ONE transaction. A crash
         between the two INSERTs rolls both back: there is never a child the log does not know.
+        The child's input is part of the spawn's identity (a hash of it is recorded): a replay
+        that would spawn it with another input diverges, rather than reuse the old child.
         """
         engine = self._engine
         if engine is None or name not in engine.registry:
@@ -496,7 +522,8 @@ class DurableContext(TaskContext):
             raise TaskInputError(message) from err
         chosen = with_options(engine.options[name], options)
 
-        event = self._replay(Call("spawn", name))
+        call = Call("spawn", name, hash_arguments(name, (input,), {}))
+        event = self._replay(call, explain=lambda event: self._other_input(event, input))
         if event is not None:  # replay: the child exists; this is its handle again
             self.replayed += 1
             assert event.child_id is not None  # the constraint child_events_name_their_child
@@ -505,28 +532,52 @@ class DurableContext(TaskContext):
         self.check()
         self.ran += 1
         self._seq += 1
+        seq = self._seq
         started = time.monotonic()
-        with self._connections.connection() as conn, conn.transaction():
+
+        def spawn_child(conn: psycopg.Connection, retried: bool) -> int | None:
             queries = Querier(conn)
-            child_id = queries.spawn_task(
-                parent_id=self.task_id, attempt=self.attempt, name=name, input=input,
-                priority=chosen.priority, max_attempts=chosen.max_attempts,
-                backoff_base=seconds(chosen.backoff), backoff_cap=seconds(chosen.backoff_cap),
-                timeout=seconds(chosen.timeout),
-            )  # fmt: skip
-            if child_id is None:  # fenced out, like an append: nothing written
-                raise self._lost(self._seq, name)
-            crash_point("spawn")  # the tests kill the worker here, between the two INSERTs
-            duration = datetime.timedelta(seconds=time.monotonic() - started)
-            queries.append_event(
-                task_id=self.task_id, attempt=self.attempt, seq=self._seq,
-                kind=EventKind.CHILD_SPAWNED, name=name, input_hash=None, result=None,
-                error=None, child_id=child_id, duration=duration,
-            )  # fmt: skip
-        # (The append cannot be fenced out: the spawn's FOR SHARE holds the row, and now() is
-        # the transaction's start for both statements.)
+            if retried:  # the last try's connection broke: maybe after its commit
+                event = queries.get_event(task_id=self.task_id, seq=seq, attempt=self.attempt)
+                if event is not None:
+                    return event.child_id
+            with conn.transaction():
+                child_id = queries.spawn_task(
+                    parent_id=self.task_id, attempt=self.attempt, name=name, input=input,
+                    priority=chosen.priority, max_attempts=chosen.max_attempts,
+                    backoff_base=seconds(chosen.backoff), backoff_cap=seconds(chosen.backoff_cap),
+                    timeout=seconds(chosen.timeout),
+                )  # fmt: skip
+                if child_id is None:  # fenced out, like an append: nothing written
+                    return None
+                crash_point("spawn")  # the tests kill the worker here, between the two INSERTs
+                duration = datetime.timedelta(seconds=time.monotonic() - started)
+                queries.append_event(
+                    task_id=self.task_id, attempt=self.attempt, seq=seq,
+                    kind=EventKind.CHILD_SPAWNED, name=name, input_hash=call.input_hash,
+                    result=None, error=None, child_id=child_id, duration=duration,
+                )  # fmt: skip
+            # (The append cannot be fenced out: the spawn's FOR SHARE holds the row, and now()
+            # is the transaction's start for both statements.)
+            return child_id
+
+        child_id = self._database(spawn_child)
+        if child_id is None:
+            raise self._lost(seq, name)
         self._children.add(child_id)
         return ChildHandle(child_id, name)
+
+    def _other_input(self, event: TaskEvent, input: Any) -> str:
+        """When a spawn diverged on its input alone, both inputs: the history's is the child's."""
+        if event.kind != EventKind.CHILD_SPAWNED or event.child_id is None:
+            return ""
+        child_id = event.child_id
+        child = self._database(lambda conn, retried: Querier(conn).get_task(id=child_id))
+        recorded = "(deleted)" if child is None else short_json(child.input)
+        return (
+            f": the child it spawned then, task {child_id}, has input {recorded};"
+            f" the code now passes {short_json(input)}"
+        )
 
     # endregion
 
@@ -583,33 +634,51 @@ class DurableContext(TaskContext):
     # endregion
 
     # region: await
-    def _await(self, seq: int, children: list[int]) -> list[RecordChildOutcomesRow]:
+    def _await(self, seq: int, children: list[int]) -> Sequence[RecordChildOutcomesRow | TaskEvent]:
         """Append the children's outcomes as events seq, seq + 1...; or suspend, and raise."""
         while True:
-            with self._connections.connection() as conn:
-                queries = Querier(conn)
-                rows = queries.record_child_outcomes(
-                    task_id=self.task_id, attempt=self.attempt, seq=seq, children=children
-                )
-                if rows:
-                    return rows
-                # Some child is unfinished (or we lost the task). Lock our row, then check
-                # again in a new statement, and suspend only if a child is STILL unfinished:
-                # the race with a child that finishes right now is settled by that lock.
-                with conn.transaction():
-                    if queries.lock_running_task(id=self.task_id, attempt=self.attempt) is None:
-                        raise self._lost(seq, "wait")
-                    suspended = queries.suspend_task(
-                        id=self.task_id, attempt=self.attempt, children=children
-                    )
-            if suspended is not None:
+            outcomes, suspended = self._database(
+                lambda conn, retried: self._record_or_suspend(conn, retried, seq, children)
+            )
+            if outcomes:
+                return outcomes
+            if suspended:
                 reason = TaskSuspended(
-                    f"task {self.task_id}: attempt {self.attempt} suspended, waiting for"
-                    f" {len(children)} {'child' if len(children) == 1 else 'children'}"
+                    f"suspended, waiting for {len(children)}"
+                    f" {'child' if len(children) == 1 else 'children'}"
                 )
                 self.stop(reason)
                 raise reason
             # Every child had finished by the time we held the lock: record them, go on.
+
+    def _record_or_suspend(
+        self, conn: psycopg.Connection, retried: bool, seq: int, children: list[int]
+    ) -> tuple[Sequence[RecordChildOutcomesRow | TaskEvent], bool]:
+        """(the outcomes appended, False) if every child has finished; ([], True) if this
+        attempt suspended; ([], False) if every child finished while we took the lock."""
+        queries = Querier(conn)
+        if retried:  # the last try's connection broke: maybe after its commit
+            recorded = queries.list_events_from(task_id=self.task_id, attempt=self.attempt, seq=seq)
+            if recorded:
+                return recorded, False
+            task = queries.get_task(id=self.task_id)
+            if task and task.status == TaskStatus.SUSPENDED and task.attempts == self.attempt:
+                return [], True
+        rows = queries.record_child_outcomes(
+            task_id=self.task_id, attempt=self.attempt, seq=seq, children=children
+        )
+        if rows:
+            return rows, False
+        # Some child is unfinished (or we lost the task). Lock our row, then check again in a
+        # new statement, and suspend only if a child is STILL unfinished: the race with a child
+        # that finishes right now is settled by that lock.
+        with conn.transaction():
+            if queries.lock_running_task(id=self.task_id, attempt=self.attempt) is None:
+                raise self._lost(seq, "wait")
+            suspended = queries.suspend_task(
+                id=self.task_id, attempt=self.attempt, children=children
+            )
+        return [], suspended is not None
 
     # endregion
 
@@ -634,12 +703,20 @@ class DurableContext(TaskContext):
         duration: datetime.timedelta,
     ) -> Any:
         """Append one event, fenced by the lease: ONE statement, one round trip, own commit."""
-        with self._connections.connection() as conn:
-            row = Querier(conn).append_event(
+
+        def append(conn: psycopg.Connection, retried: bool) -> Any:
+            queries = Querier(conn)
+            if retried:  # the last try's connection broke: maybe after its commit
+                event = queries.get_event(task_id=self.task_id, seq=seq, attempt=self.attempt)
+                if event is not None:
+                    return event
+            return queries.append_event(
                 task_id=self.task_id, attempt=self.attempt, seq=seq, kind=kind, name=name,
                 input_hash=input_hash, result=result, error=error, child_id=None,
                 duration=duration,
             )  # fmt: skip
+
+        row = self._database(append)
         if row is None:
             # Fenced out: the database ended this attempt (a timeout or a cancel, which the
             # heartbeat may already have told us about), or its lease ran out, and another
@@ -654,12 +731,85 @@ class DurableContext(TaskContext):
 
     # endregion
 
+    # region: outages
+    def _database(self, work: Callable[[psycopg.Connection, bool], T]) -> T:
+        """`work(conn, retried)` on a step connection, tried again through an outage.
 
-# Moved here from worker.py, which imports this module: a step's error is described the same
-# way as a task's.
-def describe_error(err: BaseException) -> str:
-    """`ValueError: bad address`: the exception's type and message, as stored in the error."""
-    # PostgreSQL refuses the NUL character in text: an error message quoting binary data
-    # must not crash the worker that records it.
-    message = str(err).replace("\x00", "\\x00")
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+        The database away is not the step's failure: the attempt waits for it, with backoff.
+        `retried` tells `work` that its last try's connection broke, maybe after the commit.
+        Past the lease, it gives up: the heartbeats could not reach the database either, so
+        the lease has run out, and the task is another attempt's to run (LeaseLostError).
+        """
+        backoff = Backoff()
+        retried = False
+        while True:
+            wait_for = max(0.1, min(5.0, self.lease_deadline - time.monotonic()))
+            try:
+                with self._connections.connection(timeout=wait_for) as conn:
+                    return work(conn, retried)
+            except psycopg.OperationalError as err:
+                if not is_outage(err):
+                    raise
+            retried = True
+            delay = backoff.next_delay()
+            if time.monotonic() + delay >= self.lease_deadline:
+                lost = self.reason or LeaseLostError(
+                    f"task {self.task_id}: attempt {self.attempt}: the database was unavailable"
+                    " for longer than the lease"
+                )
+                self.stop(lost)
+                raise lost
+            self.sleep(delay)  # ends early, raising, if the worker stops the attempt
+
+    # endregion
+
+    # region: hooks
+    def returned(self, output: Any) -> Outcome:
+        """The function returned: did it make every call its history holds? (finish())"""
+        try:
+            self.finish()
+        except Exception as err:  # NonDeterminismError, or the attempt ended meanwhile
+            return self.raised(err)
+        return self._unless_diverged(super().returned(output))
+
+    def raised(self, err: BaseException) -> Outcome:
+        return self._unless_diverged(super().raised(err))
+
+    def _unless_diverged(self, outcome: Outcome) -> Outcome:
+        """However the function ended (it may have caught NonDeterminismError, and returned or
+        raised another), a run that diverged from its history fails with that reason, and
+        for good: the same code would diverge again, the same way, on every retry. And a run
+        that suspended has nothing to record: the database has it already."""
+        if isinstance(self.reason, TaskSuspended):
+            return Outcome(suspended=True)
+        if self.diverged is None:
+            return outcome
+        return Outcome(error=describe_error(self.diverged), retryable=False)
+
+    def report(self) -> str | None:
+        """For the worker's log: how much of the function's work the log saved (a retry), and
+        whether the attempt suspended."""
+        said = []
+        if self.replayed:
+            said.append(f"{self.replayed} events replayed from the log, {self.ran} run")
+        if isinstance(self.reason, TaskSuspended):
+            said.append(str(self.reason))
+        return "; ".join(said) or None
+
+    # endregion
+
+
+def short_json(value: Any, limit: int = 200) -> str:
+    """`value` as JSON for a message, cut to `limit` characters."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_call_name(what: str, name: object) -> None:
+    """Raise ValueError unless `name` is a non-empty string the log can store."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} needs a name, a non-empty string, not {name!r}")
+    try:
+        check_text(name)
+    except ValueError as err:
+        raise ValueError(f"{what} named {name!r} cannot be stored: {err}") from None

@@ -8,8 +8,8 @@ still on. The worker stops a context when its heartbeat learns that the attempt 
 - the attempt overran the task's timeout           -> TaskTimeout
 - another worker took the task over (lease lost)   -> LeaseLostError
 
-Lesson 07: a durable task also ends its own attempt when it waits for children that have not
-finished: TaskSuspended, raised by `wait()` (durable.py) after the database has recorded it.
+A durable task also ends its own attempt when it waits for children that have not finished:
+TaskSuspended, raised by `wait()` (durable.py) after the database has recorded it.
 
 Python cannot stop a thread from outside, so stopping is cooperative: a long task calls
 `check()`, or sleeps with `sleep()`, now and then, and either raises once the attempt is over.
@@ -19,11 +19,14 @@ A task that never checks is not dangerous, only wasteful: its result is fenced o
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import datetime
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from engine import describe_error, json_problem
 
 
 class TaskStopped(Exception):
@@ -39,7 +42,7 @@ class TaskTimeout(TaskStopped, TimeoutError):
 
 
 class TaskSuspended(TaskStopped):
-    """Lesson 07: the durable task waits for children, and its attempt ended as suspended.
+    """The durable task waits for children, and its attempt ended as suspended.
 
     Raised by `ctx.wait()` / `ctx.wait_all()` once the suspension is committed: the function
     unwinds, the worker's slot is free, and the task runs again, from the top, replaying its
@@ -55,9 +58,53 @@ class LeaseLostError(TaskStopped):
     """
 
 
+# region: non_retryable
+class NonRetryableError(Exception):
+    """Raise it (or a subclass of it) from a task to fail the task at once, with no retry.
+
+    For the errors that no retry will cure: an invalid input, a card the bank declined, a
+    record that does not exist. Any other exception is retried while attempts are left, since
+    most failures (a timeout, a service restarting) are over by the next attempt.
+    """
+
+
+def is_retryable(err: BaseException) -> bool:
+    """False if `err`, or an exception it was raised from (`raise ... from`), is non-retryable."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:  # `seen`: a chain may loop
+        if isinstance(cause, NonRetryableError):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return True
+
+
+# endregion
+
+
+# region: outcome
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, as the worker records it."""
+
+    output: Any = None
+    error: str | None = None  # None: it completed, with `output`
+    retryable: bool = True  # False: the task fails now, whatever attempts it has left
+    # A durable task that suspended itself to wait for its children: nothing to record, the
+    # database has it already.
+    suspended: bool = False
+
+
+# endregion
+
+
 # region: context
 class TaskContext:
     """One attempt of one task, as the function running it sees it."""
+
+    # Whether the task may have children: only a durable task spawns them (durable.py).
+    may_have_children = False
 
     def __init__(
         self,
@@ -69,10 +116,14 @@ class TaskContext:
         self.task_id = task_id
         self.attempt = attempt
         self.timeout = timeout
-        self.parent_id = parent_id  # lesson 07: the durable task that spawned this one, if any
+        self.parent_id = parent_id  # the durable task that spawned this one, if any
         # When the attempt times out, on this machine's monotonic clock. A duration measured
         # here, not a time compared across machines: the one case the local clock is right for.
         self.deadline = time.monotonic() + timeout.total_seconds()
+        # When this worker's lease on the attempt runs out, at the latest, by the same clock:
+        # the claim, or the last heartbeat the database accepted, plus the lease. Past it, a
+        # result can no longer be recorded: the worker stops trying (during an outage).
+        self.lease_deadline = float("inf")
         self.reason: TaskStopped | None = None
         self._stopped = threading.Event()
 
@@ -99,6 +150,31 @@ class TaskContext:
         """time.sleep() that ends early, and raises, as soon as the attempt is over."""
         self._stopped.wait(seconds)
         self.check()
+
+    # region: hooks
+    # What the worker asks the context once the function is done: the outcome to record, and
+    # a line for its log. The worker never looks at what kind of context it holds; a context
+    # that knows more about its attempt (a durable one, lesson 05) says more here.
+    def returned(self, output: Any) -> Outcome:
+        """The function returned `output`: what to record. Never raises.
+
+        The output is checked before the worker writes it, so that the reason is ours ("a set
+        is not JSON"), not a driver error in the middle of recording a whole batch.
+        """
+        problem = json_problem(output)
+        if problem is not None:
+            return Outcome(error=f"return value is not JSON-serializable: {problem}")
+        return Outcome(output=output)
+
+    def raised(self, err: BaseException) -> Outcome:
+        """The function raised `err`: what to record. Never raises."""
+        return Outcome(error=describe_error(err), retryable=is_retryable(err))
+
+    def report(self) -> str | None:
+        """A line for the worker's log about how the attempt went, if there is more to say."""
+        return None
+
+    # endregion
 
 
 # endregion

@@ -51,6 +51,7 @@ class Task:
     timeout: datetime.timedelta
     attempts: int
     lease_expires_at: datetime.datetime | None
+    idempotency_key: str | None
 
 
 @dataclasses.dataclass

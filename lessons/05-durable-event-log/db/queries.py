@@ -30,20 +30,29 @@ WHERE k.key = $2 AND k.max_running <> $1
 
 ENQUEUE_TASK = """-- name: EnqueueTask :one
 INSERT INTO tasks (
-    name, input, concurrency_key,
+    name, input, concurrency_key, idempotency_key,
     status, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout
 )
 SELECT
     $1::text, $2::jsonb, $3::text,
+    $4::text,
     -- Due now, or later: then it waits as `scheduled` until a claim makes it `queued`.
     CASE WHEN due.run_at > now() THEN 'scheduled' ELSE 'queued' END::task_status,
-    $4::integer, due.run_at,
-    $5::integer, $6::interval,
-    $7::interval, $8::interval
+    $5::integer, due.run_at,
+    $6::integer, $7::interval,
+    $8::interval, $9::interval
 FROM (
-    SELECT coalesce($9::timestamptz, now() + $10::interval) AS run_at
+    SELECT coalesce($10::timestamptz, now() + $11::interval) AS run_at
 ) AS due
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
+"""
+
+
+GET_TASK_BY_IDEMPOTENCY_KEY = """-- name: GetTaskByIdempotencyKey :one
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key
+FROM tasks
+WHERE idempotency_key = $1::text
 """
 
 
@@ -193,7 +202,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.idempotency_key
 """
 
 
@@ -221,7 +230,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     attempts = picked.attempt, lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.idempotency_key
 """
 
 
@@ -279,19 +288,21 @@ FROM task
 FAIL_ATTEMPT = """-- name: FailAttempt :one
 WITH task AS (
     UPDATE tasks
-    SET status = CASE WHEN attempts < max_attempts
+    SET status = CASE WHEN $1::boolean AND attempts < max_attempts
             THEN 'scheduled' ELSE 'failed' END::task_status,
-        run_at = CASE WHEN attempts < max_attempts
+        run_at = CASE WHEN $1::boolean AND attempts < max_attempts
             THEN now() + retry_delay(attempts, backoff_base, backoff_cap) ELSE run_at END,
-        error = CASE WHEN attempts < max_attempts THEN NULL ELSE $1::text END,
-        finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
+        error = CASE WHEN $1::boolean AND attempts < max_attempts
+            THEN NULL ELSE $2::text END,
+        finished_at = CASE WHEN $1::boolean AND attempts < max_attempts
+            THEN NULL ELSE now() END,
         lease_expires_at = NULL
-    WHERE id = $2 AND attempts = $3 AND status = 'running'
+    WHERE id = $3 AND attempts = $4 AND status = 'running'
     RETURNING id, attempts, status, run_at
 ),
 attempt AS (
     UPDATE task_attempts AS a
-    SET status = 'failed', error = $1::text, finished_at = now()
+    SET status = 'failed', error = $2::text, finished_at = now()
     FROM task
     WHERE a.task_id = task.id AND a.attempt = task.attempts
 )
@@ -334,14 +345,14 @@ FROM target
 
 
 GET_TASK = """-- name: GetTask :one
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key
 FROM tasks
 WHERE id = $1
 """
 
 
 LIST_TASKS = """-- name: ListTasks :many
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key
 FROM tasks
 ORDER BY id
 """
@@ -482,6 +493,13 @@ class AppendEventRow:
     result: Any | None
 
 
+GET_EVENT = """-- name: GetEvent :one
+SELECT task_id, seq, attempt, kind, name, result, error, duration, recorded_at
+FROM task_events
+WHERE task_id = $1 AND seq = $2 AND attempt = $3
+"""
+
+
 LIST_EVENTS = """-- name: ListEvents :many
 SELECT task_id, seq, attempt, kind, name, result, error, duration, recorded_at
 FROM task_events
@@ -517,6 +535,7 @@ class Querier:
         name: str,
         input: Any,
         concurrency_key: str | None,
+        idempotency_key: str | None,
         priority: int,
         max_attempts: int,
         backoff_base: datetime.timedelta,
@@ -527,7 +546,10 @@ class Querier:
     ) -> int | None:
         """Put one task in the queue, with its options; the database picks its id, and its run_at.
 
+        No row: a task with this idempotency key exists already, and nothing was written.
         "In 2 seconds" means 2 seconds on the database's clock, the one the claim compares with.
+        The unique index on the key decides, even between two enqueues at the same instant: the
+        second waits for the first to commit, then inserts nothing.
         """
         with self._cursor() as cur:
             cur.execute(
@@ -536,6 +558,7 @@ class Querier:
                     name,
                     Jsonb(input),
                     concurrency_key,
+                    idempotency_key,
                     priority,
                     max_attempts,
                     backoff_base,
@@ -549,6 +572,36 @@ class Querier:
         if row is None:
             return None
         return row[0]
+
+    def get_task_by_idempotency_key(self, *, idempotency_key: str) -> models.Task | None:
+        """The task an earlier enqueue created with this idempotency key."""
+        with self._cursor() as cur:
+            cur.execute(GET_TASK_BY_IDEMPOTENCY_KEY, [idempotency_key])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.Task(
+            id=row[0],
+            name=row[1],
+            input=row[2],
+            concurrency_key=row[3],
+            status=models.TaskStatus(row[4]),
+            output=row[5],
+            error=row[6],
+            worker=row[7],
+            created_at=row[8],
+            started_at=row[9],
+            finished_at=row[10],
+            priority=row[11],
+            run_at=row[12],
+            max_attempts=row[13],
+            backoff_base=row[14],
+            backoff_cap=row[15],
+            timeout=row[16],
+            attempts=row[17],
+            lease_expires_at=row[18],
+            idempotency_key=row[19],
+        )
 
     def enqueue_tasks(
         self,
@@ -659,6 +712,7 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
+                idempotency_key=row[19],
             )
             for row in rows
         ]
@@ -696,6 +750,7 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
+                idempotency_key=row[19],
             )
             for row in rows
         ]
@@ -732,10 +787,21 @@ class Querier:
             rows = cur.fetchall()
         return [row[0] for row in rows]
 
-    def fail_attempt(self, *, error: str, id: int, attempt: int) -> FailAttemptRow | None:
-        """Record why the attempt this worker owns failed: retry after a backoff, or fail the task."""
+    def fail_attempt(
+        self,
+        *,
+        retryable: bool,
+        error: str,
+        id: int,
+        attempt: int,
+    ) -> FailAttemptRow | None:
+        """Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
+
+        `retryable` false fails the task for good, whatever attempts it has left: the function
+        raised NonRetryableError, an error that no retry will cure.
+        """
         with self._cursor() as cur:
-            cur.execute(FAIL_ATTEMPT, [error, id, attempt])
+            cur.execute(FAIL_ATTEMPT, [retryable, error, id, attempt])
             row = cur.fetchone()
         if row is None:
             return None
@@ -781,6 +847,7 @@ class Querier:
             timeout=row[16],
             attempts=row[17],
             lease_expires_at=row[18],
+            idempotency_key=row[19],
         )
 
     def list_tasks(self) -> list[models.Task]:
@@ -809,6 +876,7 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
+                idempotency_key=row[19],
             )
             for row in rows
         ]
@@ -936,6 +1004,25 @@ class Querier:
         return AppendEventRow(
             seq=row[0],
             result=row[1],
+        )
+
+    def get_event(self, *, task_id: int, seq: int, attempt: int) -> models.TaskEvent | None:
+        """The event at `seq` if this attempt appended it: after a connection broke, did the append land?"""
+        with self._cursor() as cur:
+            cur.execute(GET_EVENT, [task_id, seq, attempt])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.TaskEvent(
+            task_id=row[0],
+            seq=row[1],
+            attempt=row[2],
+            kind=models.EventKind(row[3]),
+            name=row[4],
+            result=row[5],
+            error=row[6],
+            duration=row[7],
+            recorded_at=row[8],
         )
 
     def list_events(self, *, task_id: int) -> list[models.TaskEvent]:

@@ -30,20 +30,29 @@ WHERE k.key = $2 AND k.max_running <> $1
 
 ENQUEUE_TASK = """-- name: EnqueueTask :one
 INSERT INTO tasks (
-    name, input, concurrency_key,
+    name, input, concurrency_key, idempotency_key,
     status, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout
 )
 SELECT
     $1::text, $2::jsonb, $3::text,
+    $4::text,
     -- Due now, or later: then it waits as `scheduled` until a claim makes it `queued`.
     CASE WHEN due.run_at > now() THEN 'scheduled' ELSE 'queued' END::task_status,
-    $4::integer, due.run_at,
-    $5::integer, $6::interval,
-    $7::interval, $8::interval
+    $5::integer, due.run_at,
+    $6::integer, $7::interval,
+    $8::interval, $9::interval
 FROM (
-    SELECT coalesce($9::timestamptz, now() + $10::interval) AS run_at
+    SELECT coalesce($10::timestamptz, now() + $11::interval) AS run_at
 ) AS due
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
+"""
+
+
+GET_TASK_BY_IDEMPOTENCY_KEY = """-- name: GetTaskByIdempotencyKey :one
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key, replays
+FROM tasks
+WHERE idempotency_key = $1::text
 """
 
 
@@ -193,7 +202,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.replays
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.idempotency_key, tasks.replays
 """
 
 
@@ -221,7 +230,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     attempts = picked.attempt, lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.replays
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.idempotency_key, tasks.replays
 """
 
 
@@ -336,14 +345,14 @@ FROM target
 
 
 GET_TASK = """-- name: GetTask :one
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, replays
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key, replays
 FROM tasks
 WHERE id = $1
 """
 
 
 LIST_TASKS = """-- name: ListTasks :many
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, replays
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, idempotency_key, replays
 FROM tasks
 ORDER BY id
 """
@@ -490,6 +499,13 @@ class AppendEventRow:
     result: Any | None
 
 
+GET_EVENT = """-- name: GetEvent :one
+SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, duration, recorded_at
+FROM task_events
+WHERE task_id = $1 AND seq = $2 AND attempt = $3
+"""
+
+
 LIST_EVENTS = """-- name: ListEvents :many
 SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, duration, recorded_at
 FROM task_events
@@ -565,6 +581,7 @@ class Querier:
         name: str,
         input: Any,
         concurrency_key: str | None,
+        idempotency_key: str | None,
         priority: int,
         max_attempts: int,
         backoff_base: datetime.timedelta,
@@ -575,7 +592,10 @@ class Querier:
     ) -> int | None:
         """Put one task in the queue, with its options; the database picks its id, and its run_at.
 
+        No row: a task with this idempotency key exists already, and nothing was written.
         "In 2 seconds" means 2 seconds on the database's clock, the one the claim compares with.
+        The unique index on the key decides, even between two enqueues at the same instant: the
+        second waits for the first to commit, then inserts nothing.
         """
         with self._cursor() as cur:
             cur.execute(
@@ -584,6 +604,7 @@ class Querier:
                     name,
                     Jsonb(input),
                     concurrency_key,
+                    idempotency_key,
                     priority,
                     max_attempts,
                     backoff_base,
@@ -597,6 +618,37 @@ class Querier:
         if row is None:
             return None
         return row[0]
+
+    def get_task_by_idempotency_key(self, *, idempotency_key: str) -> models.Task | None:
+        """The task an earlier enqueue created with this idempotency key."""
+        with self._cursor() as cur:
+            cur.execute(GET_TASK_BY_IDEMPOTENCY_KEY, [idempotency_key])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.Task(
+            id=row[0],
+            name=row[1],
+            input=row[2],
+            concurrency_key=row[3],
+            status=models.TaskStatus(row[4]),
+            output=row[5],
+            error=row[6],
+            worker=row[7],
+            created_at=row[8],
+            started_at=row[9],
+            finished_at=row[10],
+            priority=row[11],
+            run_at=row[12],
+            max_attempts=row[13],
+            backoff_base=row[14],
+            backoff_cap=row[15],
+            timeout=row[16],
+            attempts=row[17],
+            lease_expires_at=row[18],
+            idempotency_key=row[19],
+            replays=row[20],
+        )
 
     def enqueue_tasks(
         self,
@@ -707,7 +759,8 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
-                replays=row[19],
+                idempotency_key=row[19],
+                replays=row[20],
             )
             for row in rows
         ]
@@ -745,7 +798,8 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
-                replays=row[19],
+                idempotency_key=row[19],
+                replays=row[20],
             )
             for row in rows
         ]
@@ -792,8 +846,9 @@ class Querier:
     ) -> FailAttemptRow | None:
         """Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
 
-        Lesson 06: `retryable` false fails the task for good, whatever attempts it has left: a
-        function that diverged from its history would diverge again, the same way, on every retry.
+        `retryable` false fails the task for good, whatever attempts it has left: the function
+        raised NonRetryableError, or it diverged from its history (it would diverge again, the same
+        way, on every retry).
         """
         with self._cursor() as cur:
             cur.execute(FAIL_ATTEMPT, [retryable, error, id, attempt])
@@ -842,7 +897,8 @@ class Querier:
             timeout=row[16],
             attempts=row[17],
             lease_expires_at=row[18],
-            replays=row[19],
+            idempotency_key=row[19],
+            replays=row[20],
         )
 
     def list_tasks(self) -> list[models.Task]:
@@ -871,7 +927,8 @@ class Querier:
                 timeout=row[16],
                 attempts=row[17],
                 lease_expires_at=row[18],
-                replays=row[19],
+                idempotency_key=row[19],
+                replays=row[20],
             )
             for row in rows
         ]
@@ -1000,6 +1057,27 @@ class Querier:
         return AppendEventRow(
             seq=row[0],
             result=row[1],
+        )
+
+    def get_event(self, *, task_id: int, seq: int, attempt: int) -> models.TaskEvent | None:
+        """The event at `seq` if this attempt appended it: after a connection broke, did the append land?"""
+        with self._cursor() as cur:
+            cur.execute(GET_EVENT, [task_id, seq, attempt])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.TaskEvent(
+            task_id=row[0],
+            replay=row[1],
+            seq=row[2],
+            attempt=row[3],
+            kind=models.EventKind(row[4]),
+            name=row[5],
+            input_hash=row[6],
+            result=row[7],
+            error=row[8],
+            duration=row[9],
+            recorded_at=row[10],
         )
 
     def list_events(self, *, task_id: int) -> list[models.TaskEvent]:

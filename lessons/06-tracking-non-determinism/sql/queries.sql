@@ -18,12 +18,14 @@ WHERE k.key = sqlc.arg(key) AND k.max_running <> sqlc.arg(max_running);
 
 -- name: EnqueueTask :one
 -- Put one task in the queue, with its options; the database picks its id, and its run_at.
+-- No row: a task with this idempotency key exists already, and nothing was written.
 INSERT INTO tasks (
-    name, input, concurrency_key,
+    name, input, concurrency_key, idempotency_key,
     status, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout
 )
 SELECT
     sqlc.arg(name)::text, sqlc.arg(input)::jsonb, sqlc.narg(concurrency_key)::text,
+    sqlc.narg(idempotency_key)::text,
     -- Due now, or later: then it waits as `scheduled` until a claim makes it `queued`.
     CASE WHEN due.run_at > now() THEN 'scheduled' ELSE 'queued' END::task_status,
     sqlc.arg(priority)::integer, due.run_at,
@@ -33,8 +35,17 @@ SELECT
 FROM (
     SELECT coalesce(sqlc.narg(run_at)::timestamptz, now() + sqlc.arg(delay)::interval) AS run_at
 ) AS due
+-- The unique index on the key decides, even between two enqueues at the same instant: the
+-- second waits for the first to commit, then inserts nothing.
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 -- endregion
+
+-- name: GetTaskByIdempotencyKey :one
+-- The task an earlier enqueue created with this idempotency key.
+SELECT *
+FROM tasks
+WHERE idempotency_key = sqlc.arg(idempotency_key)::text;
 
 -- region: enqueue_many
 -- name: EnqueueTasks :many
@@ -275,8 +286,9 @@ FROM task;
 -- region: fail
 -- name: FailAttempt :one
 -- Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
--- Lesson 06: `retryable` false fails the task for good, whatever attempts it has left: a
--- function that diverged from its history would diverge again, the same way, on every retry.
+-- `retryable` false fails the task for good, whatever attempts it has left: the function
+-- raised NonRetryableError, or it diverged from its history (it would diverge again, the same
+-- way, on every retry).
 WITH task AS (
     UPDATE tasks
     SET status = CASE WHEN sqlc.arg(retryable)::boolean AND attempts < max_attempts
@@ -459,6 +471,12 @@ FROM owner
 -- returns this, so the first run of a step returns exactly what a replay will.
 RETURNING seq, result;
 -- endregion
+
+-- name: GetEvent :one
+-- The event at `seq` if this attempt appended it: after a connection broke, did the append land?
+SELECT *
+FROM task_events
+WHERE task_id = sqlc.arg(task_id) AND seq = sqlc.arg(seq) AND attempt = sqlc.arg(attempt);
 
 -- name: ListEvents :many
 -- A task's whole log, every history, first event to last: for people, the demo and the tests.

@@ -58,6 +58,9 @@ CREATE TABLE tasks (
     attempts        integer     NOT NULL DEFAULT 0,
     -- While running: the worker owns the task until then, and its heartbeats push it forward.
     lease_expires_at timestamptz,
+    -- Chosen by the producer (an order id, a request id), so that an enqueue is safe to
+    -- repeat: a second enqueue with the key finds this task instead of creating another.
+    idempotency_key text,
     -- Lesson 06: how many times an operator replayed the task (engine.replay). A replay starts
     -- the task over with an empty event log: this is the number of its current history.
     replays         integer     NOT NULL DEFAULT 0 CHECK (replays >= 0),
@@ -121,6 +124,10 @@ CREATE INDEX tasks_running ON tasks (concurrency_key) WHERE status = 'running';
 -- lease ran out: two more small indexes, each holding only the rows one of them looks for.
 CREATE INDEX tasks_scheduled ON tasks (run_at) WHERE status = 'scheduled';
 CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE status = 'running';
+
+-- One task per idempotency key; tasks without one are not in the index at all.
+CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- The retention query deletes finished tasks by age.
 CREATE INDEX tasks_finished ON tasks (finished_at)

@@ -66,6 +66,7 @@ class Task:
     backoff_base: datetime.timedelta
     backoff_cap: datetime.timedelta
     timeout: datetime.timedelta
+    idempotency_key: str | None
     attempts: int
     lease_expires_at: datetime.datetime | None
     replays: int

@@ -30,20 +30,29 @@ WHERE k.key = $2 AND k.max_running <> $1
 
 ENQUEUE_TASK = """-- name: EnqueueTask :one
 INSERT INTO tasks (
-    name, input, concurrency_key,
+    name, input, concurrency_key, idempotency_key,
     status, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout
 )
 SELECT
     $1::text, $2::jsonb, $3::text,
+    $4::text,
     -- Due now, or later: then it waits as `scheduled` until a claim makes it `queued`.
     CASE WHEN due.run_at > now() THEN 'scheduled' ELSE 'queued' END::task_status,
-    $4::integer, due.run_at,
-    $5::integer, $6::interval,
-    $7::interval, $8::interval
+    $5::integer, due.run_at,
+    $6::integer, $7::interval,
+    $8::interval, $9::interval
 FROM (
-    SELECT coalesce($9::timestamptz, now() + $10::interval) AS run_at
+    SELECT coalesce($10::timestamptz, now() + $11::interval) AS run_at
 ) AS due
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
+"""
+
+
+GET_TASK_BY_IDEMPOTENCY_KEY = """-- name: GetTaskByIdempotencyKey :one
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
+FROM tasks
+WHERE idempotency_key = $1::text
 """
 
 
@@ -204,7 +213,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.idempotency_key, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
 """
 
 
@@ -232,7 +241,7 @@ SET status = 'running', worker = $1, started_at = clock_timestamp(),
     attempts = picked.attempt, lease_expires_at = clock_timestamp() + $2::interval
 FROM picked
 WHERE tasks.id = picked.id
-RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
+RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.idempotency_key, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
 """
 
 
@@ -331,15 +340,12 @@ class FailAttemptRow:
     retry_in: datetime.timedelta
 
 
-CANCEL_TASK = """-- name: CancelTask :many
+CANCEL_TASK = """-- name: CancelTask :one
 WITH target AS (
     SELECT tasks.id, tasks.parent_id, tasks.status, tasks.attempts
     FROM tasks
-    -- Lesson 07: the task and its children (if it has any: a child has none of its own), and
-    -- suspended ones too. Locked in id order (the task first), after LockFamily.
-    WHERE (tasks.id = $1 OR tasks.parent_id = $1)
-        AND tasks.status IN ('scheduled', 'queued', 'running', 'suspended')
-    ORDER BY tasks.id
+    -- Suspended tasks too: they hold no worker, and will never be woken.
+    WHERE tasks.id = $1 AND tasks.status IN ('scheduled', 'queued', 'running', 'suspended')
     FOR UPDATE
 ),
 task AS (
@@ -358,7 +364,6 @@ attempt AS (
 )
 SELECT id, parent_id, status
 FROM target
-ORDER BY id
 """
 
 
@@ -369,15 +374,45 @@ class CancelTaskRow:
     status: models.TaskStatus
 
 
+CLOSE_CHILDREN = """-- name: CloseChildren :many
+WITH child AS (
+    SELECT c.id
+    FROM tasks AS c
+    JOIN tasks AS p ON p.id = c.parent_id
+    WHERE c.parent_id = ANY ($1::bigint[])
+        AND p.finished_at IS NOT NULL AND c.finished_at IS NULL
+    -- The locking rule: the callers hold the parents' rows already; children come after.
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
+),
+task AS (
+    UPDATE tasks AS t
+    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL
+    FROM child
+    WHERE t.id = child.id
+    RETURNING t.id, t.attempts
+),
+attempt AS (
+    UPDATE task_attempts AS a
+    SET status = 'cancelled', finished_at = now()
+    FROM task
+    WHERE a.task_id = task.id AND a.attempt = task.attempts AND a.status = 'running'
+)
+SELECT id
+FROM task
+ORDER BY id
+"""
+
+
 GET_TASK = """-- name: GetTask :one
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
 FROM tasks
 WHERE id = $1
 """
 
 
 LIST_TASKS = """-- name: ListTasks :many
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
 FROM tasks
 ORDER BY id
 """
@@ -532,6 +567,21 @@ class AppendEventRow:
     result: Any | None
 
 
+GET_EVENT = """-- name: GetEvent :one
+SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, child_id, duration, recorded_at
+FROM task_events
+WHERE task_id = $1 AND seq = $2 AND attempt = $3
+"""
+
+
+LIST_EVENTS_FROM = """-- name: ListEventsFrom :many
+SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, child_id, duration, recorded_at
+FROM task_events
+WHERE task_id = $1 AND attempt = $2 AND seq >= $3
+ORDER BY seq
+"""
+
+
 LIST_EVENTS = """-- name: ListEvents :many
 SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, child_id, duration, recorded_at
 FROM task_events
@@ -545,24 +595,39 @@ WITH target AS (
     SELECT tasks.id, tasks.status, tasks.error, tasks.attempts, tasks.suspensions, tasks.replays
     FROM tasks
     WHERE tasks.id = $2
+        AND tasks.parent_id IS NULL
         AND (tasks.status IN ('failed', 'cancelled')
              OR (tasks.status = 'completed' AND $1::operator_action_kind = 'replay'))
     -- Two operators who retry the same task at once: the second waits, re-reads the row, finds
     -- it queued, and changes nothing. A zombie worker still running the task is fenced as
-    -- before: its attempt is over, and the next claim starts attempt n + 1.
+    -- before: its attempt is over, and the next claim starts attempt n + 1. The retention
+    -- query skips a row locked here: what this statement requeues is never deleted.
     FOR UPDATE
 ),
 task AS (
     UPDATE tasks AS t
     SET status = 'queued', run_at = now(), output = NULL, error = NULL, finished_at = NULL,
-        -- `more_attempts` more attempts, counted from the ones the task has had (lesson 07:
-        -- its tries, that is: the attempts that did not end suspended).
+        -- `more_attempts` more tries (the attempts that did not end suspended) than it had.
         max_attempts = t.attempts - t.suspensions + $3::integer,
         -- The one difference between the two actions: a replay starts a new, empty history.
         replays = t.replays
             + CASE $1::operator_action_kind WHEN 'replay' THEN 1 ELSE 0 END
     FROM target
     WHERE t.id = target.id
+),
+children AS (
+    UPDATE tasks AS c
+    SET status = 'queued', run_at = now(), finished_at = NULL,
+        max_attempts = greatest(c.max_attempts, c.attempts - c.suspensions + 1)
+    FROM target
+    WHERE $1::operator_action_kind = 'retry'
+        AND c.parent_id = target.id AND c.status = 'cancelled'
+        AND NOT EXISTS (
+            SELECT 1
+            FROM task_events AS e
+            WHERE e.task_id = target.id AND e.replay = target.replays AND e.child_id = c.id
+                AND e.kind IN ('child_completed', 'child_failed')
+        )
 )
 INSERT INTO operator_actions (task_id, action, status, error, attempts, replay, events)
 SELECT
@@ -719,7 +784,7 @@ FOR NO KEY UPDATE
 
 
 LIST_CHILDREN = """-- name: ListChildren :many
-SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions
 FROM tasks
 WHERE parent_id = $1::bigint
 ORDER BY id
@@ -753,6 +818,7 @@ class Querier:
         name: str,
         input: Any,
         concurrency_key: str | None,
+        idempotency_key: str | None,
         priority: int,
         max_attempts: int,
         backoff_base: datetime.timedelta,
@@ -763,7 +829,10 @@ class Querier:
     ) -> int | None:
         """Put one task in the queue, with its options; the database picks its id, and its run_at.
 
+        No row: a task with this idempotency key exists already, and nothing was written.
         "In 2 seconds" means 2 seconds on the database's clock, the one the claim compares with.
+        The unique index on the key decides, even between two enqueues at the same instant: the
+        second waits for the first to commit, then inserts nothing.
         """
         with self._cursor() as cur:
             cur.execute(
@@ -772,6 +841,7 @@ class Querier:
                     name,
                     Jsonb(input),
                     concurrency_key,
+                    idempotency_key,
                     priority,
                     max_attempts,
                     backoff_base,
@@ -785,6 +855,40 @@ class Querier:
         if row is None:
             return None
         return row[0]
+
+    def get_task_by_idempotency_key(self, *, idempotency_key: str) -> models.Task | None:
+        """The task an earlier enqueue created with this idempotency key."""
+        with self._cursor() as cur:
+            cur.execute(GET_TASK_BY_IDEMPOTENCY_KEY, [idempotency_key])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.Task(
+            id=row[0],
+            name=row[1],
+            input=row[2],
+            concurrency_key=row[3],
+            status=models.TaskStatus(row[4]),
+            output=row[5],
+            error=row[6],
+            worker=row[7],
+            created_at=row[8],
+            started_at=row[9],
+            finished_at=row[10],
+            priority=row[11],
+            run_at=row[12],
+            max_attempts=row[13],
+            backoff_base=row[14],
+            backoff_cap=row[15],
+            timeout=row[16],
+            idempotency_key=row[17],
+            attempts=row[18],
+            lease_expires_at=row[19],
+            replays=row[20],
+            parent_id=row[21],
+            waiting_for=row[22],
+            suspensions=row[23],
+        )
 
     def enqueue_tasks(
         self,
@@ -900,12 +1004,13 @@ class Querier:
                 backoff_base=row[14],
                 backoff_cap=row[15],
                 timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                replays=row[19],
-                parent_id=row[20],
-                waiting_for=row[21],
-                suspensions=row[22],
+                idempotency_key=row[17],
+                attempts=row[18],
+                lease_expires_at=row[19],
+                replays=row[20],
+                parent_id=row[21],
+                waiting_for=row[22],
+                suspensions=row[23],
             )
             for row in rows
         ]
@@ -941,12 +1046,13 @@ class Querier:
                 backoff_base=row[14],
                 backoff_cap=row[15],
                 timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                replays=row[19],
-                parent_id=row[20],
-                waiting_for=row[21],
-                suspensions=row[22],
+                idempotency_key=row[17],
+                attempts=row[18],
+                lease_expires_at=row[19],
+                replays=row[20],
+                parent_id=row[21],
+                waiting_for=row[22],
+                suspensions=row[23],
             )
             for row in rows
         ]
@@ -995,8 +1101,9 @@ class Querier:
     ) -> FailAttemptRow | None:
         """Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
 
-        Lesson 06: `retryable` false fails the task for good, whatever attempts it has left: a
-        function that diverged from its history would diverge again, the same way, on every retry.
+        `retryable` false fails the task for good, whatever attempts it has left: the function
+        raised NonRetryableError, or it diverged from its history (it would diverge again, the same
+        way, on every retry).
         Lesson 07: attempts that ended suspended are not tries: `attempts - suspensions`.
         """
         with self._cursor() as cur:
@@ -1010,19 +1117,30 @@ class Querier:
             retry_in=row[2],
         )
 
-    def cancel_task(self, *, id: int) -> list[CancelTaskRow]:
-        """Cancel a task that has not finished, and its unfinished children; returns what each was."""
+    def cancel_task(self, *, id: int) -> CancelTaskRow | None:
+        """Cancel a task that has not finished; returns the status it had. No row: it had finished."""
         with self._cursor() as cur:
             cur.execute(CANCEL_TASK, [id])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return CancelTaskRow(
+            id=row[0],
+            parent_id=row[1],
+            status=models.TaskStatus(row[2]),
+        )
+
+    def close_children(self, *, ids: list[int]) -> list[int]:
+        """Cancel the unfinished children of those of these tasks that have finished; returns their ids.
+
+        The parent close policy: children never outlive their parent. A parent that completed,
+        failed for good or was cancelled will never wait for them again, and a replay of it spawns
+        new ones: children left running would only do work that goes nowhere, twice.
+        """
+        with self._cursor() as cur:
+            cur.execute(CLOSE_CHILDREN, [ids])
             rows = cur.fetchall()
-        return [
-            CancelTaskRow(
-                id=row[0],
-                parent_id=row[1],
-                status=models.TaskStatus(row[2]),
-            )
-            for row in rows
-        ]
+        return [row[0] for row in rows]
 
     def get_task(self, *, id: int) -> models.Task | None:
         """One task, whatever its status."""
@@ -1049,12 +1167,13 @@ class Querier:
             backoff_base=row[14],
             backoff_cap=row[15],
             timeout=row[16],
-            attempts=row[17],
-            lease_expires_at=row[18],
-            replays=row[19],
-            parent_id=row[20],
-            waiting_for=row[21],
-            suspensions=row[22],
+            idempotency_key=row[17],
+            attempts=row[18],
+            lease_expires_at=row[19],
+            replays=row[20],
+            parent_id=row[21],
+            waiting_for=row[22],
+            suspensions=row[23],
         )
 
     def list_tasks(self) -> list[models.Task]:
@@ -1081,12 +1200,13 @@ class Querier:
                 backoff_base=row[14],
                 backoff_cap=row[15],
                 timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                replays=row[19],
-                parent_id=row[20],
-                waiting_for=row[21],
-                suspensions=row[22],
+                idempotency_key=row[17],
+                attempts=row[18],
+                lease_expires_at=row[19],
+                replays=row[20],
+                parent_id=row[21],
+                waiting_for=row[22],
+                suspensions=row[23],
             )
             for row in rows
         ]
@@ -1220,6 +1340,51 @@ class Querier:
             result=row[1],
         )
 
+    def get_event(self, *, task_id: int, seq: int, attempt: int) -> models.TaskEvent | None:
+        """The event at `seq` if this attempt appended it: after a connection broke, did the append land?"""
+        with self._cursor() as cur:
+            cur.execute(GET_EVENT, [task_id, seq, attempt])
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return models.TaskEvent(
+            task_id=row[0],
+            replay=row[1],
+            seq=row[2],
+            attempt=row[3],
+            kind=models.EventKind(row[4]),
+            name=row[5],
+            input_hash=row[6],
+            result=row[7],
+            error=row[8],
+            child_id=row[9],
+            duration=row[10],
+            recorded_at=row[11],
+        )
+
+    def list_events_from(self, *, task_id: int, attempt: int, seq: int) -> list[models.TaskEvent]:
+        """The events this attempt appended from `seq` on: after a connection broke, did its appends land?"""
+        with self._cursor() as cur:
+            cur.execute(LIST_EVENTS_FROM, [task_id, attempt, seq])
+            rows = cur.fetchall()
+        return [
+            models.TaskEvent(
+                task_id=row[0],
+                replay=row[1],
+                seq=row[2],
+                attempt=row[3],
+                kind=models.EventKind(row[4]),
+                name=row[5],
+                input_hash=row[6],
+                result=row[7],
+                error=row[8],
+                child_id=row[9],
+                duration=row[10],
+                recorded_at=row[11],
+            )
+            for row in rows
+        ]
+
     def list_events(self, *, task_id: int) -> list[models.TaskEvent]:
         """A task's whole log, every history, first event to last: for people, the demo and the tests."""
         with self._cursor() as cur:
@@ -1252,7 +1417,12 @@ class Querier:
     ) -> models.OperatorAction | None:
         """Operator: run a failed or cancelled task again, on its history (retry) or a new one (replay).
 
-        Lesson 07: a completed task can be replayed too (run again from scratch, with new children).
+        A completed task can be replayed too (run again from scratch, with new children). Children
+        are not requeued on their own: their outcome belongs to their parent's history.
+        A retry goes on from the history the task has, which may be waiting for children that were
+        cancelled with it (by the cancel, or by the close policy when it failed): they run again,
+        with a try more if they had none left, so that the retry can go on. A child whose end the
+        history recorded already keeps it: the retry replays that. A replay spawns new children.
         The audit: what the task was like, and the history that was kept or set aside.
         """
         with self._cursor() as cur:
@@ -1427,12 +1597,13 @@ class Querier:
                 backoff_base=row[14],
                 backoff_cap=row[15],
                 timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                replays=row[19],
-                parent_id=row[20],
-                waiting_for=row[21],
-                suspensions=row[22],
+                idempotency_key=row[17],
+                attempts=row[18],
+                lease_expires_at=row[19],
+                replays=row[20],
+                parent_id=row[21],
+                waiting_for=row[22],
+                suspensions=row[23],
             )
             for row in rows
         ]

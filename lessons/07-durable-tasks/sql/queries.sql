@@ -18,12 +18,14 @@ WHERE k.key = sqlc.arg(key) AND k.max_running <> sqlc.arg(max_running);
 
 -- name: EnqueueTask :one
 -- Put one task in the queue, with its options; the database picks its id, and its run_at.
+-- No row: a task with this idempotency key exists already, and nothing was written.
 INSERT INTO tasks (
-    name, input, concurrency_key,
+    name, input, concurrency_key, idempotency_key,
     status, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout
 )
 SELECT
     sqlc.arg(name)::text, sqlc.arg(input)::jsonb, sqlc.narg(concurrency_key)::text,
+    sqlc.narg(idempotency_key)::text,
     -- Due now, or later: then it waits as `scheduled` until a claim makes it `queued`.
     CASE WHEN due.run_at > now() THEN 'scheduled' ELSE 'queued' END::task_status,
     sqlc.arg(priority)::integer, due.run_at,
@@ -33,8 +35,17 @@ SELECT
 FROM (
     SELECT coalesce(sqlc.narg(run_at)::timestamptz, now() + sqlc.arg(delay)::interval) AS run_at
 ) AS due
+-- The unique index on the key decides, even between two enqueues at the same instant: the
+-- second waits for the first to commit, then inserts nothing.
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id;
 -- endregion
+
+-- name: GetTaskByIdempotencyKey :one
+-- The task an earlier enqueue created with this idempotency key.
+SELECT *
+FROM tasks
+WHERE idempotency_key = sqlc.arg(idempotency_key)::text;
 
 -- region: enqueue_many
 -- name: EnqueueTasks :many
@@ -301,8 +312,9 @@ FROM task;
 -- region: fail
 -- name: FailAttempt :one
 -- Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
--- Lesson 06: `retryable` false fails the task for good, whatever attempts it has left: a
--- function that diverged from its history would diverge again, the same way, on every retry.
+-- `retryable` false fails the task for good, whatever attempts it has left: the function
+-- raised NonRetryableError, or it diverged from its history (it would diverge again, the same
+-- way, on every retry).
 -- Lesson 07: attempts that ended suspended are not tries: `attempts - suspensions`.
 WITH task AS (
     UPDATE tasks
@@ -330,16 +342,13 @@ FROM task;
 -- endregion
 
 -- region: cancel
--- name: CancelTask :many
--- Cancel a task that has not finished, and its unfinished children; returns what each was.
+-- name: CancelTask :one
+-- Cancel a task that has not finished; returns the status it had. No row: it had finished.
 WITH target AS (
     SELECT tasks.id, tasks.parent_id, tasks.status, tasks.attempts
     FROM tasks
-    -- Lesson 07: the task and its children (if it has any: a child has none of its own), and
-    -- suspended ones too. Locked in id order (the task first), after LockFamily.
-    WHERE (tasks.id = sqlc.arg(id) OR tasks.parent_id = sqlc.arg(id))
-        AND tasks.status IN ('scheduled', 'queued', 'running', 'suspended')
-    ORDER BY tasks.id
+    -- Suspended tasks too: they hold no worker, and will never be woken.
+    WHERE tasks.id = sqlc.arg(id) AND tasks.status IN ('scheduled', 'queued', 'running', 'suspended')
     FOR UPDATE
 ),
 task AS (
@@ -357,7 +366,40 @@ attempt AS (
     WHERE a.task_id = task.id AND a.attempt = task.attempts AND a.status = 'running'
 )
 SELECT id, parent_id, status
-FROM target
+FROM target;
+-- endregion
+
+-- region: close_children
+-- name: CloseChildren :many
+-- Cancel the unfinished children of those of these tasks that have finished; returns their ids.
+-- The parent close policy: children never outlive their parent. A parent that completed,
+-- failed for good or was cancelled will never wait for them again, and a replay of it spawns
+-- new ones: children left running would only do work that goes nowhere, twice.
+WITH child AS (
+    SELECT c.id
+    FROM tasks AS c
+    JOIN tasks AS p ON p.id = c.parent_id
+    WHERE c.parent_id = ANY (sqlc.arg(ids)::bigint[])
+        AND p.finished_at IS NOT NULL AND c.finished_at IS NULL
+    -- The locking rule: the callers hold the parents' rows already; children come after.
+    ORDER BY c.id
+    FOR NO KEY UPDATE OF c
+),
+task AS (
+    UPDATE tasks AS t
+    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL
+    FROM child
+    WHERE t.id = child.id
+    RETURNING t.id, t.attempts
+),
+attempt AS (
+    UPDATE task_attempts AS a
+    SET status = 'cancelled', finished_at = now()
+    FROM task
+    WHERE a.task_id = task.id AND a.attempt = task.attempts AND a.status = 'running'
+)
+SELECT id
+FROM task
 ORDER BY id;
 -- endregion
 
@@ -501,6 +543,19 @@ FROM owner
 RETURNING seq, result;
 -- endregion
 
+-- name: GetEvent :one
+-- The event at `seq` if this attempt appended it: after a connection broke, did the append land?
+SELECT *
+FROM task_events
+WHERE task_id = sqlc.arg(task_id) AND seq = sqlc.arg(seq) AND attempt = sqlc.arg(attempt);
+
+-- name: ListEventsFrom :many
+-- The events this attempt appended from `seq` on: after a connection broke, did its appends land?
+SELECT *
+FROM task_events
+WHERE task_id = sqlc.arg(task_id) AND attempt = sqlc.arg(attempt) AND seq >= sqlc.arg(seq)
+ORDER BY seq;
+
 -- name: ListEvents :many
 -- A task's whole log, every history, first event to last: for people, the demo and the tests.
 SELECT *
@@ -511,29 +566,49 @@ ORDER BY replay, seq;
 -- region: requeue
 -- name: RequeueTask :one
 -- Operator: run a failed or cancelled task again, on its history (retry) or a new one (replay).
--- Lesson 07: a completed task can be replayed too (run again from scratch, with new children).
+-- A completed task can be replayed too (run again from scratch, with new children). Children
+-- are not requeued on their own: their outcome belongs to their parent's history.
 WITH target AS (
     SELECT tasks.id, tasks.status, tasks.error, tasks.attempts, tasks.suspensions, tasks.replays
     FROM tasks
     WHERE tasks.id = sqlc.arg(id)
+        AND tasks.parent_id IS NULL
         AND (tasks.status IN ('failed', 'cancelled')
              OR (tasks.status = 'completed' AND sqlc.arg(action)::operator_action_kind = 'replay'))
     -- Two operators who retry the same task at once: the second waits, re-reads the row, finds
     -- it queued, and changes nothing. A zombie worker still running the task is fenced as
-    -- before: its attempt is over, and the next claim starts attempt n + 1.
+    -- before: its attempt is over, and the next claim starts attempt n + 1. The retention
+    -- query skips a row locked here: what this statement requeues is never deleted.
     FOR UPDATE
 ),
 task AS (
     UPDATE tasks AS t
     SET status = 'queued', run_at = now(), output = NULL, error = NULL, finished_at = NULL,
-        -- `more_attempts` more attempts, counted from the ones the task has had (lesson 07:
-        -- its tries, that is: the attempts that did not end suspended).
+        -- `more_attempts` more tries (the attempts that did not end suspended) than it had.
         max_attempts = t.attempts - t.suspensions + sqlc.arg(more_attempts)::integer,
         -- The one difference between the two actions: a replay starts a new, empty history.
         replays = t.replays
             + CASE sqlc.arg(action)::operator_action_kind WHEN 'replay' THEN 1 ELSE 0 END
     FROM target
     WHERE t.id = target.id
+),
+-- A retry goes on from the history the task has, which may be waiting for children that were
+-- cancelled with it (by the cancel, or by the close policy when it failed): they run again,
+-- with a try more if they had none left, so that the retry can go on. A child whose end the
+-- history recorded already keeps it: the retry replays that. A replay spawns new children.
+children AS (
+    UPDATE tasks AS c
+    SET status = 'queued', run_at = now(), finished_at = NULL,
+        max_attempts = greatest(c.max_attempts, c.attempts - c.suspensions + 1)
+    FROM target
+    WHERE sqlc.arg(action)::operator_action_kind = 'retry'
+        AND c.parent_id = target.id AND c.status = 'cancelled'
+        AND NOT EXISTS (
+            SELECT 1
+            FROM task_events AS e
+            WHERE e.task_id = target.id AND e.replay = target.replays AND e.child_id = c.id
+                AND e.kind IN ('child_completed', 'child_failed')
+        )
 )
 -- The audit: what the task was like, and the history that was kept or set aside.
 INSERT INTO operator_actions (task_id, action, status, error, attempts, replay, events)

@@ -58,6 +58,9 @@ CREATE TABLE tasks (
     timeout         interval    NOT NULL DEFAULT '5 minutes',
     -- How many attempts have started; while running, the number of the current one. Every
     -- write a worker makes names the attempt it owns: this number is the fencing token.
+    -- Chosen by the producer (an order id, a request id), so that an enqueue is safe to
+    -- repeat: a second enqueue with the key finds this task instead of creating another.
+    idempotency_key text,
     attempts        integer     NOT NULL DEFAULT 0,
     -- While running: the worker owns the task until then, and its heartbeats push it forward.
     lease_expires_at timestamptz,
@@ -142,6 +145,10 @@ CREATE INDEX tasks_running ON tasks (concurrency_key) WHERE status = 'running';
 CREATE INDEX tasks_scheduled ON tasks (run_at) WHERE status = 'scheduled';
 CREATE INDEX tasks_leased ON tasks (lease_expires_at) WHERE status = 'running';
 
+-- One task per idempotency key; tasks without one are not in the index at all.
+CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
 -- The retention query deletes finished tasks by age.
 CREATE INDEX tasks_finished ON tasks (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled');
@@ -176,9 +183,10 @@ CREATE TABLE task_events (
     -- 'uuid4') or the patch's name. With the kind and the place, the event's identity: a
     -- replay that asks for something else at this place is stopped (NonDeterminismError).
     name        text        NOT NULL,
-    -- Lesson 06: for a step whose function asked for it (ctx.step(..., hash_input=True)), the
-    -- SHA-256 of its arguments as canonical JSON: a replay that passes other arguments is
-    -- stopped too. NULL: not asked for.
+    -- For a step whose function asked for it (ctx.step(..., hash_input=True)), the SHA-256 of
+    -- its arguments as canonical JSON, and for every spawn, of the child's input: a replay
+    -- that passes other arguments, or spawns the child with another input, is stopped too.
+    -- NULL: not asked for.
     input_hash  text,
     -- What the step returned (step_completed), or what it raised, "Type: message" (step_failed),
     -- or the value that was read (value_recorded).
@@ -203,8 +211,8 @@ CREATE TABLE task_events (
                = (child_id IS NOT NULL)),
     CONSTRAINT values_have_a_result
         CHECK (kind <> 'value_recorded' OR result IS NOT NULL),
-    CONSTRAINT only_steps_have_an_input_hash
-        CHECK (input_hash IS NULL OR kind IN ('step_completed', 'step_failed')),
+    CONSTRAINT only_steps_and_spawns_have_an_input_hash
+        CHECK (input_hash IS NULL OR kind IN ('step_completed', 'step_failed', 'child_spawned')),
     CONSTRAINT events_are_numbered_from_1
         CHECK (seq >= 1)
 );

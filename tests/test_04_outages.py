@@ -1,0 +1,190 @@
+"""A database restart is an outage, not a crash: lesson 04's promise, kept by every later lesson.
+
+One PostgreSQL server owned by this test (never the shared one), one database per lesson from
+04 to the latest, and worker PROCESSES for each, running a few hundred tasks. Mid-run the server
+crashes and restarts (`pg_ctl restart -m immediate`), then later stops for 10 seconds and starts
+again. Every task must complete, no worker process may exit, and the audits must still hold:
+no attempt ran twice, no worker ran more tasks at once than its slots, and each durable task
+recorded each of its steps once.
+
+One server for all the lessons, so that the 10-second outage is paid once, not once per lesson.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+from hardway.postgres import recreate_database
+from harness import lesson_dir, lesson_env, lessons_from, load_lesson, sql, wait_until
+from pgserver import OwnedServer
+
+TASKS = 150  # per lesson
+WORKERS, SLOTS = 2, 3  # per lesson
+LEASE = 5.0  # seconds: a restart is shorter, the 10-second stop longer
+
+OUTAGE_TASKS = """
+import os
+import time
+
+from task_context import current_task
+
+AUDIT = os.environ["AUDIT_FILE"]
+
+
+def audit(line):
+    with open(AUDIT, "a") as f:  # one write per line: appends never interleave
+        f.write(line + "\\n")
+
+
+def work(n):
+    task = current_task()
+    time.sleep(0.02)
+    audit(f"{task.task_id} {task.attempt}")
+    return n
+
+
+def durable_work(n):
+    task = current_task()
+    first = task.step("first", lambda: n + 1)
+    time.sleep(0.02)
+    second = task.step("second", lambda: first * 2)
+    audit(f"{task.task_id} {task.attempt}")
+    return second
+
+
+def register(engine):
+    if os.environ["DURABLE"] == "1":
+        register = getattr(engine, "durable_task", engine.task)
+        register("work", max_attempts=10, backoff=0.05)(durable_work)
+    else:
+        engine.task("work", max_attempts=10, backoff=0.05)(work)
+"""
+
+
+def completed(url: str) -> int:
+    try:
+        return sql(url, "SELECT count(*) FROM tasks WHERE status = 'completed'")[0][0]
+    except psycopg.OperationalError:
+        return 0  # the server is down
+
+
+def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path):
+    (tmp_path / "outage_tasks.py").write_text(OUTAGE_TASKS)
+    lessons = [load_lesson(name) for name in lessons_from("04")]
+    workers: list[tuple[str, subprocess.Popen]] = []
+    with OwnedServer() as server:
+        urls = {}
+        for lesson in lessons:
+            dbname = f"outage_{lesson.name[:2]}"
+            schema = (lesson_dir(lesson.name) / "sql" / "schema.sql").read_text()
+            urls[lesson.name] = recreate_database(server.url(), dbname, schema)
+            durable = hasattr(lesson, "durable")
+            with lesson.engine.Engine(urls[lesson.name]) as engine:
+                register = getattr(engine, "durable_task", engine.task) if durable else engine.task
+                register("work")(lambda n: n)
+                engine.enqueue_many("work", range(TASKS))
+            env = lesson_env(server.url(), dbname)
+            env.update(
+                PYTHONPATH=str(tmp_path),
+                AUDIT_FILE=str(tmp_path / f"audit_{lesson.name[:2]}"),
+                DURABLE="1" if durable else "0",
+            )
+            for n in range(WORKERS):
+                command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py")]
+                command += ["--name", f"w{n}", "--tasks", "outage_tasks", "--slots", str(SLOTS)]
+                command += ["--lease", str(LEASE), "--poll-interval", "0.05"]
+                process = subprocess.Popen(
+                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+                workers.append((lesson.name, process))
+        try:
+            some_done = lambda share: all(  # noqa: E731
+                completed(url) >= TASKS * share for url in urls.values()
+            )
+            wait_until(lambda: some_done(0.2), timeout=120)
+            server.restart("immediate")  # a crash: every connection breaks, recovery runs
+
+            # The first call after a restart works: the pool replaces its broken connection.
+            with lessons[0].engine.Engine(urls[lessons[0].name]) as engine:
+                engine.task("work")(lambda n: n)
+                assert engine.get(1) is not None
+
+            wait_until(lambda: some_done(0.5), timeout=120)
+            server.stop()
+            for lesson in lessons:
+                # A call during the outage fails, soon, with the cause in its message.
+                with lesson.engine.Engine(urls[lesson.name], connect_timeout=0.5) as engine:
+                    engine.task("work")(lambda n: n)
+                    with pytest.raises(
+                        lesson.outages.DatabaseUnavailableError, match="database unavailable: "
+                    ) as unavailable:
+                        engine.enqueue("work", -1)
+                    assert "connect" in str(unavailable.value), unavailable.value
+            time.sleep(10)  # the outage itself: ten seconds without a database
+            assert all(process.poll() is None for _, process in workers), "a worker exited"
+            server.start()
+
+            wait_until(lambda: some_done(1.0), timeout=120)
+            assert all(process.poll() is None for _, process in workers), "a worker exited"
+        finally:
+            for _, process in workers:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            logs = {}
+            for _, process in workers:
+                try:
+                    _, logs[process.pid] = process.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    _, logs[process.pid] = process.communicate()
+
+        for lesson_name, process in workers:
+            log = logs[process.pid]
+            assert process.returncode == 0, (lesson_name, log)
+            assert "Traceback" not in log, (lesson_name, log)
+            assert "database unavailable" in log and "database back after" in log, log
+        for lesson in lessons:
+            audit_lesson(lesson, urls[lesson.name], tmp_path / f"audit_{lesson.name[:2]}")
+
+
+def audit_lesson(lesson, url: str, audit_file: Path) -> None:
+    """Every task completed; no attempt ran its function twice; slots and steps held."""
+    name = lesson.name
+    assert sql(url, "SELECT status::text, count(*) FROM tasks GROUP BY 1") == [
+        ("completed", TASKS)
+    ], name
+    # What each function returns for input n: n, or (n + 1) * 2 from its two durable steps.
+    expected = "((input::int + 1) * 2)" if hasattr(lesson, "durable") else "input::int"
+    wrong = f"SELECT count(*) FROM tasks WHERE output::int <> {expected}"
+    assert sql(url, wrong) == [(0,)], name
+    ran = Counter(tuple(map(int, line.split())) for line in audit_file.read_text().splitlines())
+    twice = [attempt for attempt, times in ran.items() if times > 1]
+    assert not twice, (name, twice)
+    # The attempt that completed each task is one whose function ran to its end.
+    final = set(sql(url, "SELECT id, attempts FROM tasks"))
+    assert final <= set(ran), (name, sorted(final - set(ran))[:5])
+    with psycopg.connect(url) as conn:
+        most = lesson.db_queries.Querier(conn).most_running_per_worker()
+    assert all(row.most_at_once <= SLOTS for row in most), (name, most)
+    # No two attempts of one task ever overlapped: each started after the one before ended.
+    overlapping = sql(
+        url,
+        "SELECT count(*) FROM task_attempts AS a JOIN task_attempts AS b"
+        " ON a.task_id = b.task_id AND b.attempt = a.attempt + 1"
+        " WHERE b.started_at < a.finished_at",
+    )
+    assert overlapping == [(0,)], name
+    if hasattr(lesson, "durable"):
+        # Each step of each task in its log once, in order, whatever the attempts.
+        steps = sql(
+            url,
+            "SELECT task_id, array_agg(name ORDER BY seq) FROM task_events GROUP BY task_id",
+        )
+        assert len(steps) == TASKS and all(names == ["first", "second"] for _, names in steps)
