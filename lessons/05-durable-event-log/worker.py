@@ -194,6 +194,7 @@ class Worker:
     # endregion
 
     # region: stages
+    # region: record_finished
     def _record_finished(self, conn: psycopg.Connection, finished: list[Finished]) -> None:
         """Stage 1: record the outcomes of the tasks that finished, and forget them.
 
@@ -214,6 +215,8 @@ class Worker:
                     error = f"return value could not be stored: {describe_error(err)}"
                     self._record(conn, [(task, context, Outcome(error=error))])
         finished.clear()
+
+    # endregion
 
     def _keep_leases(self, conn: psycopg.Connection, contexts: list[TaskContext]) -> None:
         """Stage 2: fail the attempts that overran their timeout; heartbeat, when one is due."""
@@ -639,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
         stop.set()
         print(
-            "stopping: no more claims, finishing the tasks in hand; send it again to stop at once",
+            f"{args.name}: stopping: no more claims, finishing the tasks in hand"
+            " (send it again to stop at once)",
             file=sys.stderr,
         )
 

@@ -126,6 +126,8 @@ class TaskContext:
         self._stopped.wait(seconds)
         self.check()
 
+    # endregion
+
     # region: hooks
     # What the worker asks the context once the function is done: the outcome to record, and
     # a line for its log. The worker never looks at what kind of context it holds; a context
@@ -151,8 +153,6 @@ class TaskContext:
 
     # endregion
 
-
-# endregion
 
 _current: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("current_task")
 

@@ -205,6 +205,7 @@ class Worker:
     # endregion
 
     # region: stages
+    # region: record_finished
     def _record_finished(self, conn: psycopg.Connection, finished: list[Finished]) -> None:
         """Stage 1: record the outcomes of the tasks that finished, and forget them.
 
@@ -225,6 +226,8 @@ class Worker:
                     error = f"return value could not be stored: {describe_error(err)}"
                     self._record(conn, [(task, context, Outcome(error=error))])
         finished.clear()
+
+    # endregion
 
     def _keep_leases(self, conn: psycopg.Connection, contexts: list[TaskContext]) -> None:
         """Stage 2: fail the attempts that overran their timeout; heartbeat, when one is due."""
@@ -578,10 +581,11 @@ class Worker:
         """End these attempts (the with block); wake their parents; close their children.
 
         If any is a child, or a durable task (which may have children): one transaction,
-        which locks the tasks and their parents in id order, parents first (the locking rule,
-        queries.sql), then ends the attempts, then, in new statements, queues each suspended
-        parent whose awaited children have all finished now, and cancels the unfinished
-        children of each task that has finished now (the close policy, CloseChildren). All of
+        which locks the tasks, their parents and their unfinished children in id order,
+        parents first (the locking rule, queries.sql), then ends the attempts, then, in new
+        statements, queues each suspended parent whose awaited children have all finished now,
+        and cancels the unfinished children of each task that has finished now (the close
+        policy, CloseChildren). All of
         it commits together: a worker that dies in between leaves none of it, never a finished
         child with its parent asleep, nor a finished parent with its children running. Regular
         tasks without a parent skip all that: lesson 04's one statement, as before.
@@ -593,7 +597,9 @@ class Worker:
             return
         with conn.transaction():
             queries = Querier(conn)
-            queries.lock_tasks(ids=sorted({*parents, *(c.task_id for c in contexts)}))
+            queries.lock_tasks(
+                ids=sorted({*parents, *(c.task_id for c in contexts)}), families=families
+            )
             yield
             woken = queries.wake_parents(ids=parents) if parents else []
             closed = queries.close_children(ids=families) if families else []
@@ -713,7 +719,8 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
         stop.set()
         print(
-            "stopping: no more claims, finishing the tasks in hand; send it again to stop at once",
+            f"{args.name}: stopping: no more claims, finishing the tasks in hand"
+            " (send it again to stop at once)",
             file=sys.stderr,
         )
 

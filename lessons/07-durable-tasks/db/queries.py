@@ -753,6 +753,7 @@ LOCK_TASKS = """-- name: LockTasks :many
 SELECT id
 FROM tasks
 WHERE id = ANY ($1::bigint[])
+    OR (parent_id = ANY ($2::bigint[]) AND finished_at IS NULL)
 ORDER BY id
 FOR NO KEY UPDATE
 """
@@ -1545,9 +1546,10 @@ class Querier:
             return None
         return row[0]
 
-    def lock_tasks(self, *, ids: list[int]) -> list[int]:
-        """Lock these tasks' rows in id order, parents first: before a child's end wakes its parent.
+    def lock_tasks(self, *, ids: list[int], families: list[int]) -> list[int]:
+        """Lock these tasks' rows, and the unfinished children of `families`, in id order, parents first:
 
+        before a child's end wakes its parent, and a parent's end cancels its children.
         The locking rule. A child's end locks the child and its parent; a cancel locks a parent and
         its children; a heartbeat, every task its worker runs. Two transactions that lock two rows in
         opposite orders can each wait for the other forever (a deadlock: PostgreSQL aborts one). So
@@ -1555,7 +1557,7 @@ class Querier:
         is larger than its parent's (constraint children_come_after_their_parent): parents first.
         """
         with self._cursor() as cur:
-            cur.execute(LOCK_TASKS, [ids])
+            cur.execute(LOCK_TASKS, [ids, families])
             rows = cur.fetchall()
         return [row[0] for row in rows]
 

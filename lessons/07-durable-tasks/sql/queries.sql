@@ -726,10 +726,12 @@ FROM task;
 
 -- region: wake
 -- name: LockTasks :many
--- Lock these tasks' rows in id order, parents first: before a child's end wakes its parent.
+-- Lock these tasks' rows, and the unfinished children of `families`, in id order, parents first:
+-- before a child's end wakes its parent, and a parent's end cancels its children.
 SELECT id
 FROM tasks
 WHERE id = ANY (sqlc.arg(ids)::bigint[])
+    OR (parent_id = ANY (sqlc.arg(families)::bigint[]) AND finished_at IS NULL)
 -- The locking rule. A child's end locks the child and its parent; a cancel locks a parent and
 -- its children; a heartbeat, every task its worker runs. Two transactions that lock two rows in
 -- opposite orders can each wait for the other forever (a deadlock: PostgreSQL aborts one). So
