@@ -242,24 +242,26 @@ class Worker:
         now = time.monotonic()
         due = [now + self.poll_interval]
         if self._conn is None:
+            # Heartbeats and timeouts need the database: only the next reconnection is due.
             due.append(self._reconnect_at)
-        if not running:
-            self._next_beat = now + self.heartbeat_interval  # nothing to heartbeat for
-            # stop.wait() returns at once when stop is set: a stopping worker whose outcomes
-            # wait for the database must really wait.
-            pause = max(0.0, min(due) - now)
-            if stop.is_set():
-                time.sleep(pause)
-            else:
-                stop.wait(pause)
+        elif running:
+            due.append(self._next_beat)
+            due += [context.deadline for _, context in running.values() if not context.stopped]
+        pause = max(0.0, min(due) - now)
+        if running:
+            done, _ = wait(running, timeout=pause, return_when=FIRST_COMPLETED)
+            if done and len(done) < len(running):
+                # Linger a moment for the others: short tasks finish in bursts, and recording
+                # ten in one turn costs what recording one does.
+                wait(running, timeout=LINGER)
             return
-        due.append(self._next_beat)
-        due += [context.deadline for _, context in running.values() if not context.stopped]
-        done, _ = wait(running, timeout=max(0.0, min(due) - now), return_when=FIRST_COMPLETED)
-        if done and len(done) < len(running):
-            # Linger a moment for the others: short tasks finish in bursts, and recording ten
-            # in one turn costs what recording one does.
-            wait(running, timeout=LINGER)
+        self._next_beat = now + self.heartbeat_interval  # nothing to heartbeat for
+        # stop.wait() returns at once when stop is set: a stopping worker whose outcomes wait
+        # for the database must really wait.
+        if stop.is_set():
+            time.sleep(pause)
+        else:
+            stop.wait(pause)
 
     # endregion
 
