@@ -107,3 +107,18 @@ def _drop(server: str, names: list[str]) -> None:
     with _admin(server) as admin:
         for name in names:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# The contract tests: a module that tests a promise across lessons defines a `lesson` fixture,
+# parametrized over the lessons that keep it (harness.lessons_from), and gets these two.
+@pytest.fixture
+def url(lesson, lesson_db) -> str:
+    """A fresh database with the schema of the lesson under test."""
+    return lesson_db(lesson.name)
+
+
+@pytest.fixture
+def engine(lesson, url):
+    """That lesson's Engine on that database."""
+    with lesson.engine.Engine(url) as engine:
+        yield engine

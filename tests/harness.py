@@ -169,3 +169,20 @@ def running(*workers) -> Iterator[None]:
             thread.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "a worker did not stop"
     assert not errors, errors
+
+
+def raises(err: BaseException) -> Callable[[object], None]:
+    """A task function that raises `err`, whatever its input."""
+
+    def function(input: object) -> None:
+        raise err
+
+    return function
+
+
+def nested(levels: int) -> list:
+    """A list `levels` deep: [[[...]]]."""
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value

@@ -9,7 +9,7 @@ import os
 import sys
 
 import pytest
-from harness import load_lesson, sql
+from harness import load_lesson, nested, raises, sql
 
 LESSONS = ["02-simple-task-queue", "03-limiting-concurrent-tasks"]
 
@@ -19,29 +19,9 @@ def lesson(request):
     return load_lesson(request.param)
 
 
-@pytest.fixture
-def engine(lesson, lesson_db):
-    with lesson.engine.Engine(lesson_db(lesson.name)) as engine:
-        yield engine
-
-
 class Unprintable(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no __str__ for you")
-
-
-def raises(err: BaseException):
-    def function(input):
-        raise err
-
-    return function
-
-
-def nested(levels: int) -> list:
-    value: list = []
-    for _ in range(levels):
-        value = [value]
-    return value
 
 
 POISON = {
@@ -110,3 +90,9 @@ def test_names_and_inputs_the_database_cannot_store_are_refused(lesson, engine, 
         with pytest.raises(lesson.engine.TaskOptionError, match="concurrency_key .* cannot be"):
             engine.enqueue("t", concurrency_key="a\x00", max_running=1)
     assert sql(engine.database_url, "SELECT count(*) FROM tasks") == [(0,)]
+
+
+@pytest.mark.parametrize("poll_interval", [0, -1, float("nan"), float("inf"), True])
+def test_a_bad_poll_interval_is_refused(lesson, engine, poll_interval):
+    with pytest.raises(ValueError, match="poll_interval must be more than 0"):
+        lesson.worker.Worker(engine, "w", poll_interval=poll_interval)

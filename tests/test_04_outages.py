@@ -188,3 +188,56 @@ def audit_lesson(lesson, url: str, audit_file: Path) -> None:
             "SELECT task_id, array_agg(name ORDER BY seq) FROM task_events GROUP BY task_id",
         )
         assert len(steps) == TASKS and all(names == ["first", "second"] for _, names in steps)
+
+
+SLOW_TASKS = """
+import time
+
+
+def register(engine):
+    engine.task("slow")(lambda seconds: time.sleep(seconds))
+"""
+
+
+def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tmp_path: Path):
+    """A stopping worker waits for the database to record what it holds, but not forever."""
+    (tmp_path / "slow_tasks.py").write_text(SLOW_TASKS)
+    lessons = [load_lesson(name) for name in lessons_from("04")]
+    workers: list[tuple[str, subprocess.Popen]] = []
+    with OwnedServer() as server:
+        urls = {}
+        for lesson in lessons:
+            dbname = f"stopping_{lesson.name[:2]}"
+            schema = (lesson_dir(lesson.name) / "sql" / "schema.sql").read_text()
+            urls[lesson.name] = recreate_database(server.url(), dbname, schema)
+            with lesson.engine.Engine(urls[lesson.name]) as engine:
+                engine.task("slow")(lambda seconds: None)
+                engine.enqueue("slow", 1.0)
+            env = lesson_env(server.url(), dbname)
+            env["PYTHONPATH"] = str(tmp_path)
+            command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py")]
+            command += ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
+            process = subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            workers.append((lesson.name, process))
+        try:
+            running = "SELECT count(*) FROM tasks WHERE status = 'running'"
+            wait_until(lambda: all(sql(url, running) == [(1,)] for url in urls.values()))
+            server.stop()
+            stopped_at = time.monotonic()
+            for _, process in workers:
+                process.send_signal(signal.SIGTERM)
+            logs = {name: process.communicate(timeout=30)[1] for name, process in workers}
+            took = time.monotonic() - stopped_at
+        finally:
+            for _, process in workers:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+    for name, process in workers:
+        assert process.returncode == 0, (name, logs[name])
+        assert "lease ran out during the outage; result dropped" in logs[name], logs[name]
+        assert "Traceback" not in logs[name], logs[name]
+    # The task took a second, the lease was two: well under ten, on a loaded machine too.
+    assert took < 10, took

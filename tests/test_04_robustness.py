@@ -28,6 +28,8 @@ from harness import (
     lesson_env,
     lessons_from,
     load_lesson,
+    nested,
+    raises,
     running,
     sql,
     wait_until,
@@ -38,17 +40,6 @@ from psycopg import conninfo
 @pytest.fixture(params=lessons_from("04"), scope="module")
 def lesson(request):
     return load_lesson(request.param)
-
-
-@pytest.fixture
-def url(lesson, lesson_db) -> str:
-    return lesson_db(lesson.name)
-
-
-@pytest.fixture
-def engine(lesson, url):
-    with lesson.engine.Engine(url) as engine:
-        yield engine
 
 
 def durable_task(engine, name: str, **options):
@@ -74,20 +65,6 @@ class Unreadable(list):
 
     def __iter__(self):
         raise OSError("disk on fire")
-
-
-def raises(err: BaseException):
-    def function(input):
-        raise err
-
-    return function
-
-
-def nested(levels: int) -> list:
-    value: list = []
-    for _ in range(levels):
-        value = [value]
-    return value
 
 
 SURROGATE_PATH = os.fsdecode(b"/data/caf\xe9.txt")  # a file name that is not UTF-8

@@ -16,12 +16,6 @@ def lesson(request):
     return load_lesson(request.param)
 
 
-@pytest.fixture
-def engine(lesson, lesson_db):
-    with lesson.engine.Engine(lesson_db(lesson.name)) as engine:
-        yield engine
-
-
 def test_an_append_whose_answer_is_lost_records_the_step_once(lesson, engine, monkeypatch):
     lost = []
     original = lesson.db_queries.Querier.append_event

@@ -31,17 +31,6 @@ def lesson(request):
     return load_lesson(request.param)
 
 
-@pytest.fixture
-def url(lesson, lesson_db) -> str:
-    return lesson_db(lesson.name)
-
-
-@pytest.fixture
-def engine(lesson, url):
-    with lesson.engine.Engine(url) as engine:
-        yield engine
-
-
 def worker(lesson, engine, name: str = "w", **options):
     options.setdefault("poll_interval", 0.02)
     return lesson.worker.Worker(engine, name, **options)

@@ -33,6 +33,13 @@ class Worker:
     """
 
     def __init__(self, engine: Engine, name: str = "worker", poll_interval: float = 0.5) -> None:
+        # Written so that NaN fails it too: every comparison with NaN is false.
+        if isinstance(poll_interval, bool) or not (
+            isinstance(poll_interval, int | float) and 0 < poll_interval <= 3600
+        ):
+            raise ValueError(
+                f"poll_interval must be more than 0 and at most 3600 seconds, got {poll_interval!r}"
+            )
         self.engine = engine
         self.name = name
         self.poll_interval = poll_interval

@@ -47,6 +47,13 @@ class Worker:
     ) -> None:
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
+        # Written so that NaN fails it too: every comparison with NaN is false.
+        if isinstance(poll_interval, bool) or not (
+            isinstance(poll_interval, int | float) and 0 < poll_interval <= 3600
+        ):
+            raise ValueError(
+                f"poll_interval must be more than 0 and at most 3600 seconds, got {poll_interval!r}"
+            )
         self.engine = engine
         self.name = name
         self.slots = slots
