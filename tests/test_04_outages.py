@@ -68,6 +68,25 @@ def register(engine):
 """
 
 
+def lesson_database(server: OwnedServer, lesson, prefix: str) -> tuple[str, str]:
+    """A database on `server` with the lesson's schema: (its name, its URL)."""
+    dbname = f"{prefix}_{lesson.name[:2]}"
+    schema = (lesson_dir(lesson.name) / "sql" / "schema.sql").read_text()
+    return dbname, recreate_database(server.url(), dbname, schema)
+
+
+def start_worker(server: OwnedServer, dbname: str, lesson, *options: str, **env: str):
+    """`python worker.py OPTIONS...` of the lesson, on `dbname`; stderr kept for its log."""
+    command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py"), *options]
+    return subprocess.Popen(
+        command,
+        env={**lesson_env(server.url(), dbname), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def completed(url: str) -> int:
     try:
         return sql(url, "SELECT count(*) FROM tasks WHERE status = 'completed'")[0][0]
@@ -82,41 +101,39 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
     with OwnedServer() as server:
         urls = {}
         for lesson in lessons:
-            dbname = f"outage_{lesson.name[:2]}"
-            schema = (lesson_dir(lesson.name) / "sql" / "schema.sql").read_text()
-            urls[lesson.name] = recreate_database(server.url(), dbname, schema)
+            dbname, urls[lesson.name] = lesson_database(server, lesson, "outage")
             durable = hasattr(lesson, "durable")
             with lesson.engine.Engine(urls[lesson.name]) as engine:
                 register = getattr(engine, "durable_task", engine.task) if durable else engine.task
                 register("work")(lambda n: n)
                 engine.enqueue_many("work", range(TASKS))
-            env = lesson_env(server.url(), dbname)
-            env.update(
-                PYTHONPATH=str(tmp_path),
-                AUDIT_FILE=str(tmp_path / f"audit_{lesson.name[:2]}"),
-                DURABLE="1" if durable else "0",
-            )
             for n in range(WORKERS):
-                command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py")]
-                command += ["--name", f"w{n}", "--tasks", "outage_tasks", "--slots", str(SLOTS)]
-                command += ["--lease", str(LEASE), "--poll-interval", "0.05"]
-                process = subprocess.Popen(
-                    command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                options = ["--name", f"w{n}", "--tasks", "outage_tasks", "--slots", str(SLOTS)]
+                options += ["--lease", str(LEASE), "--poll-interval", "0.05"]
+                process = start_worker(
+                    server,
+                    dbname,
+                    lesson,
+                    *options,
+                    PYTHONPATH=str(tmp_path),
+                    AUDIT_FILE=str(tmp_path / f"audit_{lesson.name[:2]}"),
+                    DURABLE="1" if durable else "0",
                 )
                 workers.append((lesson.name, process))
+
+        def done_everywhere(share: float) -> bool:
+            return all(completed(url) >= TASKS * share for url in urls.values())
+
+        # A client whose pool holds a connection from before the restart.
+        client = lessons[0].engine.Engine(urls[lessons[0].name])
         try:
-            some_done = lambda share: all(  # noqa: E731
-                completed(url) >= TASKS * share for url in urls.values()
-            )
-            wait_until(lambda: some_done(0.2), timeout=120)
+            assert client.get(1) is not None
+            wait_until(lambda: done_everywhere(0.2), timeout=120)
             server.restart("immediate")  # a crash: every connection breaks, recovery runs
+            # Its first call after the restart works: the pool replaces the broken connection.
+            assert client.get(1) is not None
 
-            # The first call after a restart works: the pool replaces its broken connection.
-            with lessons[0].engine.Engine(urls[lessons[0].name]) as engine:
-                engine.task("work")(lambda n: n)
-                assert engine.get(1) is not None
-
-            wait_until(lambda: some_done(0.5), timeout=120)
+            wait_until(lambda: done_everywhere(0.5), timeout=120)
             server.stop()
             for lesson in lessons:
                 # A call during the outage fails, soon, with the cause in its message.
@@ -131,9 +148,10 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
             assert all(process.poll() is None for _, process in workers), "a worker exited"
             server.start()
 
-            wait_until(lambda: some_done(1.0), timeout=120)
+            wait_until(lambda: done_everywhere(1.0), timeout=120)
             assert all(process.poll() is None for _, process in workers), "a worker exited"
         finally:
+            client.close()
             for _, process in workers:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
@@ -207,19 +225,12 @@ def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tm
     with OwnedServer() as server:
         urls = {}
         for lesson in lessons:
-            dbname = f"stopping_{lesson.name[:2]}"
-            schema = (lesson_dir(lesson.name) / "sql" / "schema.sql").read_text()
-            urls[lesson.name] = recreate_database(server.url(), dbname, schema)
+            dbname, urls[lesson.name] = lesson_database(server, lesson, "stopping")
             with lesson.engine.Engine(urls[lesson.name]) as engine:
                 engine.task("slow")(lambda seconds: None)
                 engine.enqueue("slow", 1.0)
-            env = lesson_env(server.url(), dbname)
-            env["PYTHONPATH"] = str(tmp_path)
-            command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py")]
-            command += ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
-            process = subprocess.Popen(
-                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-            )
+            options = ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
+            process = start_worker(server, dbname, lesson, *options, PYTHONPATH=str(tmp_path))
             workers.append((lesson.name, process))
         try:
             running = "SELECT count(*) FROM tasks WHERE status = 'running'"

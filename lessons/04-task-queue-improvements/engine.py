@@ -605,6 +605,7 @@ def is_alive(conn: psycopg.Connection) -> None:
     """
     readable, _, _ = select.select([conn.fileno()], [], [], 0)
     if readable:
+        conn.close()  # closed, the pool throws it away; open, it would lend it again
         raise psycopg.OperationalError("the server closed this connection while it was idle")
 
 

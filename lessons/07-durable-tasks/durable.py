@@ -523,7 +523,7 @@ class DurableContext(TaskContext):
         chosen = with_options(engine.options[name], options)
 
         call = Call("spawn", name, hash_arguments(name, (input,), {}))
-        event = self._replay(call, explain=lambda event: self._other_input(event, input))
+        event = self._replay(call, explain=lambda event: self._other_input(event, name, input))
         if event is not None:  # replay: the child exists; this is its handle again
             self.replayed += 1
             assert event.child_id is not None  # the constraint child_events_name_their_child
@@ -567,9 +567,9 @@ class DurableContext(TaskContext):
         self._children.add(child_id)
         return ChildHandle(child_id, name)
 
-    def _other_input(self, event: TaskEvent, input: Any) -> str:
+    def _other_input(self, event: TaskEvent, name: str, input: Any) -> str:
         """When a spawn diverged on its input alone, both inputs: the history's is the child's."""
-        if event.kind != EventKind.CHILD_SPAWNED or event.child_id is None:
+        if event.kind != EventKind.CHILD_SPAWNED or event.name != name or event.child_id is None:
             return ""
         child_id = event.child_id
         child = self._database(lambda conn, retried: Querier(conn).get_task(id=child_id))
