@@ -24,6 +24,7 @@ import time
 import psycopg
 import pytest
 from harness import (
+    durable_task,
     lesson_dir,
     lesson_env,
     lessons_from,
@@ -40,12 +41,6 @@ from psycopg import conninfo
 @pytest.fixture(params=lessons_from("04"), scope="module")
 def lesson(request):
     return load_lesson(request.param)
-
-
-def durable_task(engine, name: str, **options):
-    """Register a durable task: lesson 07 has two kinds of task; in 05 and 06 all are durable."""
-    register = getattr(engine, "durable_task", engine.task)
-    return register(name, **options)
 
 
 def count_tasks(url: str) -> int:
