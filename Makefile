@@ -4,15 +4,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LESSONS := $(sort $(wildcard lessons/[0-9][0-9]-*))
 # The most advanced lesson: what `make run` shows.
-LATEST_LESSON := $(lastword $(sort $(wildcard lessons/[0-9][0-9]-*)))
+LATEST_LESSON := $(lastword $(LESSONS))
 SQLC_CONFIGS := $(sort $(wildcard lessons/*/sql/sqlc.yaml))
 # The venv's bin goes first so sqlc finds the project's plugin (sqlc-gen-psycopg).
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Silences mkdocs-material's end-of-life banner on every build.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint format generate check-generated run bench docs docs-generate docs-serve db-stop db-reset clean
+.PHONY: install test lint typecheck format generate check-generated run bench docs docs-generate docs-serve db-stop db-reset clean
 
 # Reinstall whenever pyproject.toml changes; the stamp file records the last install.
 $(BIN)/.installed: pyproject.toml
@@ -24,12 +25,18 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: install lint check-generated
+test: install lint typecheck check-generated
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy, in each lesson directory on its own (every lesson has its own `db`, `engine`, `worker`
+# modules, generated code included), then over the shared hardway package.
+typecheck: install
+	@for lesson in $(LESSONS); do (cd $$lesson && $(CURDIR)/$(BIN)/mypy .) || exit 1; done
+	cd lessons && $(CURDIR)/$(BIN)/mypy -p hardway
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -75,4 +82,4 @@ db-reset: db-stop
 	rm -rf .pgdata
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .ruff_cache
+	rm -rf $(VENV) site .pytest_cache .ruff_cache .mypy_cache lessons/*/.mypy_cache

@@ -34,6 +34,7 @@ def main() -> None:
             ("The generated Querier has one typed method per query", ["sqlc"]),
         ]:
             note = queries.create_note(body=body, tags=tags)
+            assert note is not None  # a `:one` method returns None when no row comes back
             print(f"created note {note.id}: {note.body!r} tags={note.tags}")
 
         print("notes tagged 'sqlc':")

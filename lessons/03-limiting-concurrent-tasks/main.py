@@ -55,8 +55,8 @@ def main() -> None:
             print(f"refused: {type(err).__name__}: {err}")
 
         # The tenant id is the concurrency key: each tenant's limit holds across all workers.
-        for tenant, tasks, max_running in TENANTS:
-            for n in range(1, tasks + 1):
+        for tenant, count, max_running in TENANTS:
+            for n in range(1, count + 1):
                 engine.enqueue(
                     "build_report",
                     {"tenant": tenant, "n": n},
@@ -67,7 +67,7 @@ def main() -> None:
         print(
             "enqueued, in this order: "
             + ", ".join(
-                f"{tasks} tasks for {tenant} (max {limit})" for tenant, tasks, limit in TENANTS
+                f"{count} tasks for {tenant} (max {limit})" for tenant, count, limit in TENANTS
             )
         )
 
@@ -103,9 +103,10 @@ def main() -> None:
     )
     # Fairness: how far acme's backlog had got when each quiet tenant's last task started.
     noisy = TENANTS[0][0]
-    noisy_starts = sorted(t.started_at for t in tasks if t.concurrency_key == noisy)
+    started = [(t.concurrency_key, t.started_at) for t in tasks if t.started_at is not None]
+    noisy_starts = sorted(at for key, at in started if key == noisy)
     for tenant, count, _ in TENANTS[1:]:
-        last = max(t.started_at for t in tasks if t.concurrency_key == tenant)
+        last = max(at for key, at in started if key == tenant)
         before = sum(start < last for start in noisy_starts)
         print(
             f"{tenant}'s {count} tasks had all started when {noisy} had started {before}"
@@ -133,7 +134,12 @@ def print_timeline(tasks: list[Task]) -> None:
 
 
 def running_at(tasks: list[Task], moment: datetime) -> int:
-    return sum(t.started_at <= moment < t.finished_at for t in tasks)
+    return sum(
+        t.started_at is not None
+        and t.finished_at is not None
+        and t.started_at <= moment < t.finished_at
+        for t in tasks
+    )
 
 
 if __name__ == "__main__":

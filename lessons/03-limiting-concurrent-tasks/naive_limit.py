@@ -75,7 +75,7 @@ def count_then_claim(a: psycopg.Connection, b: psycopg.Connection, say=print) ->
     """Way 1. Each claimer counts, then claims `LIMIT - count`. Returns how many run at the end."""
     counted = {}
     for name, conn in (("A", a), ("B", b)):
-        counted[name] = conn.execute(COUNT_RUNNING, (KEY,)).fetchone()[0]
+        [(counted[name],)] = conn.execute(COUNT_RUNNING, (KEY,)).fetchall()
         say(f"   {name} counts {counted[name]} running")
     for name, conn in (("A", a), ("B", b)):
         ids = sorted(
@@ -132,7 +132,7 @@ def lock_and_claim(conn: psycopg.Connection, worker: str) -> list[int]:
 
 
 def running(conn: psycopg.Connection) -> int:
-    count = conn.execute(COUNT_RUNNING, (KEY,)).fetchone()[0]
+    [(count,)] = conn.execute(COUNT_RUNNING, (KEY,)).fetchall()
     conn.commit()
     return count
 
@@ -145,7 +145,7 @@ def wait_for_lock_wait(conn: psycopg.Connection, pid: int, timeout: float = 30) 
     """Return once the backend `pid` is waiting for a lock, as pg_stat_activity shows it."""
     deadline = time.monotonic() + timeout
     query = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
-    while conn.execute(query, (pid,)).fetchone()[0] != "Lock":
+    while conn.execute(query, (pid,)).fetchall() != [("Lock",)]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"backend {pid} did not wait for a lock within {timeout} s")
         time.sleep(0.01)

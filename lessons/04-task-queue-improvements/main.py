@@ -68,7 +68,7 @@ def retries(engine: Engine) -> None:
     print(f"  enqueued task {task_id}: charge_card, up to 5 attempts, backoff from 300 ms")
     # run_until_idle() waits out the backoffs: a task waiting to be retried is still queued.
     Worker(engine, name="worker-1", lease=LEASE, poll_interval=0.02).run_until_idle()
-    task = engine.get(task_id)
+    task = engine.wait(task_id)  # finished already: returns at once
     print(f"  task {task_id} {task.status} on attempt {task.attempts}: {task.output}")
     show_attempts(engine, task_id)
 
@@ -82,7 +82,7 @@ def kill_a_worker(engine: Engine, url: str) -> None:
     worker_a = start_worker_process("worker-A", url)
     try:
         task_id = engine.enqueue("resize_video", {"video": "cat.mp4", "seconds": 2})
-        wait_for(lambda: engine.get(task_id).status == TaskStatus.RUNNING)
+        wait_for(lambda: status(engine, task_id) == TaskStatus.RUNNING)
         time.sleep(0.5)  # let it get some way into the work
     finally:
         worker_a.send_signal(signal.SIGKILL)  # no cleanup, no goodbye: like a power cut
@@ -113,7 +113,7 @@ def kill_a_worker(engine: Engine, url: str) -> None:
 
 def start_worker_process(name: str, url: str) -> subprocess.Popen:
     """`python worker.py --name NAME`, on this demo's database, as a reader would start one."""
-    env = dict(os.environ, LESSON_DBNAME=conninfo.conninfo_to_dict(url)["dbname"])
+    env = dict(os.environ, LESSON_DBNAME=str(conninfo.conninfo_to_dict(url)["dbname"]))
     command = [sys.executable, str(LESSON_DIR / "worker.py"), "--name", name]
     command += ["--lease", str(LEASE), "--poll-interval", "0.1"]
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -126,10 +126,14 @@ def schedule_and_priorities(engine: Engine) -> None:
     ids = {p: engine.enqueue("send_reminder", {"user": f"p{p}"}, priority=p) for p in (0, 10, 5)}
     print(f"  enqueued tasks {', '.join(f'{i} (priority {p})' for p, i in ids.items())}")
     Worker(engine, name="worker-1", lease=LEASE, poll_interval=0.02).run_until_idle()
-    scheduled = engine.get(later)
-    tasks = sorted(map(engine.get, [*ids.values(), later]), key=lambda t: t.started_at)
-    print(f"  worker-1 ran them in this order: {', '.join(str(t.id) for t in tasks)}")
-    waited = (scheduled.started_at - scheduled.created_at).total_seconds()
+    with engine.connection() as conn:
+        ran = conn.execute(
+            "SELECT id, extract(epoch FROM started_at - created_at)::float8 FROM tasks"
+            " WHERE id = ANY(%s) ORDER BY started_at",
+            ([*ids.values(), later],),
+        ).fetchall()
+    print(f"  worker-1 ran them in this order: {', '.join(str(i) for i, _ in ran)}")
+    waited = dict(ran)[later]
     print(f"  task {later} started {waited:.1f}s after it was enqueued")
 
 
@@ -138,19 +142,17 @@ def cancel(engine: Engine) -> None:
     print("4. cancelling a task that waits and a task that runs")
     waiting = engine.enqueue("send_reminder", {"user": "bob"}, delay=60)
     engine.cancel(waiting)
-    print(
-        f"  cancelled task {waiting}, scheduled for later: {engine.get(waiting).status}, never run"
-    )
+    print(f"  cancelled task {waiting}, scheduled for later: {status(engine, waiting)}, never run")
 
     task_id = engine.enqueue("build_report", {"steps": 200})  # 10 s of work, in 50 ms steps
     worker = Worker(engine, name="worker-1", lease=LEASE)
     thread = threading.Thread(target=worker.run_until_idle)
     thread.start()
-    wait_for(lambda: engine.get(task_id).status == TaskStatus.RUNNING)
+    wait_for(lambda: status(engine, task_id) == TaskStatus.RUNNING)
     time.sleep(0.3)
     cancelled_at = time.monotonic()
     engine.cancel(task_id)
-    print(f"  cancelled task {task_id} while running: {engine.get(task_id).status} at once")
+    print(f"  cancelled task {task_id} while running: {status(engine, task_id)} at once")
     thread.join()  # returns once the function has noticed, stopped, and nothing else is due
     print(
         f"  its function stopped {time.monotonic() - cancelled_at:.1f}s later, at the next"
@@ -166,12 +168,18 @@ def show_attempts(engine: Engine, task_id: int) -> None:
     previous = None
     for attempt in engine.attempts(task_id):
         waited = ""
-        if previous is not None:
+        if previous is not None and previous.finished_at is not None:
             gap = (attempt.started_at - previous.finished_at).total_seconds()
             waited = f", {gap:.2f}s after attempt {previous.attempt} ended"
         error = f": {attempt.error}" if attempt.error else ""
         print(f"    attempt {attempt.attempt} on {attempt.worker}{waited}: {attempt.status}{error}")
         previous = attempt
+
+
+def status(engine: Engine, task_id: int) -> TaskStatus:
+    task = engine.get(task_id)
+    assert task is not None, f"task {task_id} has disappeared"
+    return task.status
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from durable import current_durable_task
 from engine import Engine
 from psycopg_pool import ConnectionPool
 from task_context import current_task
@@ -70,7 +71,7 @@ def send_email(order: str, tracking: str) -> str:
 # region: place_order
 def place_order(input: dict) -> dict:
     """Reserve each item, charge the total, ship, email: six steps for three items."""
-    ctx = current_task()  # a DurableContext (durable.py): the task's attempt, and its log
+    ctx = current_durable_task()  # a DurableContext (durable.py): the task's attempt, and its log
     # The same step name once per item: steps are told apart by position, not by name.
     reserved = [ctx.step("reserve", reserve, item) for item in input["items"]]
     # Code between steps runs on every attempt; it only uses the input and step results.

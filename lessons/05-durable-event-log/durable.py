@@ -3,7 +3,7 @@
 A task function wraps each piece of work that must not be repeated (charge the card, book the
 room, send the email) in a step:
 
-    ctx = current_task()
+    ctx = current_durable_task()
     payment = ctx.step("charge", charge_card, order["card"], order["total"])
 
 The first time, the step runs, and its result is appended to the task's event log
@@ -36,7 +36,7 @@ import dataclasses
 import datetime
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from db.models import EventKind, TaskEvent
@@ -44,7 +44,7 @@ from db.queries import Querier
 from engine import check_json, check_text, describe_error, describe_json_error
 from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
-from task_context import LeaseLostError, TaskContext, TaskStopped
+from task_context import LeaseLostError, TaskContext, TaskStopped, current_task
 
 T = TypeVar("T")
 
@@ -69,6 +69,14 @@ class _Failure:
     name: str
     error: str
     duration: datetime.timedelta
+
+
+def current_durable_task() -> DurableContext:
+    """current_task(), typed as what it is in this lesson: every task is durable, and its
+    function sees a DurableContext (steps, and what the worker's TaskContext has)."""
+    ctx = current_task()
+    assert isinstance(ctx, DurableContext), "the worker gives every task a DurableContext"
+    return ctx
 
 
 class DurableContext(TaskContext):
@@ -144,7 +152,7 @@ class DurableContext(TaskContext):
             self.replayed += 1
             if event.kind == EventKind.STEP_FAILED:
                 raise StepError(event.name, event.error or "")
-            return event.result
+            return cast(T, event.result)  # what the function returned then, through JSON
 
         self.check()  # the attempt is over (cancelled, timed out, lease lost): do not start
         self.ran += 1

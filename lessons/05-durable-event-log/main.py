@@ -104,13 +104,13 @@ def killed_and_resumed(engine: Engine, url: str, reference: int, workers: dict) 
     print("  worker-B's log:")
     for line in log.splitlines():
         print(f"    {line}")
-    same = task.output == engine.get(reference).output
+    same = task.output == engine.wait(reference).output
     print(f"  same output as the uninterrupted task {reference}: {'yes' if same else 'NO'}")
 
 
 def start_worker_process(name: str, url: str) -> subprocess.Popen:
     """`python worker.py --name NAME`, on this demo's database, as a reader would start one."""
-    env = dict(os.environ, LESSON_DBNAME=conninfo.conninfo_to_dict(url)["dbname"])
+    env = dict(os.environ, LESSON_DBNAME=str(conninfo.conninfo_to_dict(url)["dbname"]))
     command = [sys.executable, str(LESSON_DIR / "worker.py"), "--name", name]
     command += ["--lease", str(LEASE), "--poll-interval", "0.1"]
     return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -135,7 +135,8 @@ def side_effects(engine: Engine, workers: dict) -> None:
     with engine.pool.connection() as conn:
         effects = conn.execute("SELECT task_id, step, pid FROM effects ORDER BY at").fetchall()
         task_ids = [row[0] for row in conn.execute("SELECT id FROM tasks ORDER BY id")]
-    done, recorded = Counter(), Counter()
+    done: Counter[tuple[int, str]] = Counter()  # (task, step) -> times it ran, or was recorded
+    recorded: Counter[tuple[int, str]] = Counter()
     for task_id in task_ids:
         mine = [(step, pid) for t, step, pid in effects if t == task_id]
         runs = groupby(mine, key=lambda effect: effect[1])  # consecutive effects of one process

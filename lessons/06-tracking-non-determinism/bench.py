@@ -36,15 +36,23 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, LiteralString
 
 import psycopg
+from durable import current_durable_task
 from engine import Engine
 from hardway.postgres import recreate_database, server_url
-from task_context import current_task
 from worker import Worker
 
 LESSON_DIR = Path(__file__).resolve().parent
 DBNAME = "lesson_06_bench"
+
+
+def scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
+    """The one value that `query` returns (a count, a setting)."""
+    row = conn.execute(query).fetchone()
+    assert row is not None, query
+    return row[0]
 
 
 def noop(input: object) -> None:
@@ -61,7 +69,7 @@ step_timings: list[tuple[int, float]] = []  # (attempt, seconds per step), one p
 
 
 def ten_steps(input: object) -> None:
-    ctx = current_task()
+    ctx = current_durable_task()
     started = time.perf_counter()
     for i in range(10):
         ctx.step("noop", noop, i)
@@ -80,9 +88,9 @@ def machine(url: str) -> str:
     except OSError:
         pass
     with psycopg.connect(url) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
-        fsync = conn.execute("SHOW fsync").fetchone()[0]
-        sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
+        version = scalar(conn, "SHOW server_version")
+        fsync = scalar(conn, "SHOW fsync")
+        sync = scalar(conn, "SHOW synchronous_commit")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
         f"machine: {cpu}, {os.cpu_count()} cores (load average {load});"
@@ -164,12 +172,13 @@ def bench_burn_down(engine: Engine, url: str, n: int, workers: int, slots: int) 
                 # Statistics of a queue in use: the planner then reads the partial indexes.
                 conn.execute("ANALYZE")
                 done = "SELECT count(*) FROM tasks WHERE status = 'completed'"
-                while conn.execute(done).fetchone()[0] < n:
+                while scalar(conn, done) < n:
                     time.sleep(0.1)
-                seconds = conn.execute(
+                seconds = scalar(
+                    conn,
                     "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
-                    " FROM tasks"
-                ).fetchone()[0]
+                    " FROM tasks",
+                )
             rates.append(n / seconds)
     finally:
         stop_workers(processes)

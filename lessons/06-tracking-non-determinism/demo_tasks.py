@@ -22,6 +22,7 @@ import os
 import random
 import uuid
 
+from durable import current_durable_task
 from engine import Engine
 from psycopg_pool import ConnectionPool
 from task_context import current_task
@@ -90,7 +91,7 @@ def slow(input: dict, step: str) -> float:
 # region: versions
 def place_order_v1(input: dict) -> dict:
     """Version 1 (lesson 05's): reserve each item, charge the total, ship, email."""
-    ctx = current_task()
+    ctx = current_durable_task()
     reserved = [ctx.step("reserve", reserve, item) for item in input["items"]]
     total = sum(line["price"] for line in reserved)
     payment = ctx.step("charge", charge, input["order"], total, slow(input, "charge"))
@@ -101,7 +102,7 @@ def place_order_v1(input: dict) -> dict:
 
 def place_order_v2(input: dict) -> dict:
     """Version 2: charge first, then reserve, so that a declined card never holds stock."""
-    ctx = current_task()
+    ctx = current_durable_task()
     total = sum(PRICES[item] for item in input["items"])
     # hash_input: a replay that would charge another amount diverges instead.
     payment = ctx.step(
@@ -116,7 +117,7 @@ def place_order_v2(input: dict) -> dict:
 
 def place_order_v3(input: dict) -> dict:
     """Version 3: version 2 with a fraud check before the charge, behind a patch."""
-    ctx = current_task()
+    ctx = current_durable_task()
     total = sum(PRICES[item] for item in input["items"])
     # New tasks check; a task whose history version 2 recorded past this point does not.
     fraud = "skipped (started before version 3)"
@@ -140,7 +141,7 @@ VERSIONS = {1: place_order_v1, 2: place_order_v2, 3: place_order_v3}
 # region: coupon
 def issue_coupon(input: dict) -> dict:
     """A coupon: a fresh code, a random discount, valid for 30 days from now. Then mail it."""
-    ctx = current_task()
+    ctx = current_durable_task()
     # Recorded: every attempt of this task gets the values that the first one drew.
     code, discount = ctx.uuid4(), 5 + int(ctx.random() * 16)
     expires = ctx.now() + datetime.timedelta(days=30)

@@ -3,7 +3,7 @@
 A task function wraps each piece of work that must not be repeated (charge the card, book the
 room, send the email) in a step:
 
-    ctx = current_task()
+    ctx = current_durable_task()
     payment = ctx.step("charge", charge_card, order["card"], order["total"])
 
 The first time, the step runs, and its result is appended to the task's event log
@@ -48,7 +48,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from db.models import EventKind, TaskEvent
@@ -56,7 +56,7 @@ from db.queries import Querier
 from engine import check_json, check_text, describe_error, describe_json_error
 from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
-from task_context import LeaseLostError, Outcome, TaskContext, TaskStopped
+from task_context import LeaseLostError, Outcome, TaskContext, TaskStopped, current_task
 
 T = TypeVar("T")
 
@@ -179,6 +179,14 @@ class _Failure:
 NO_TIME = datetime.timedelta(0)  # the duration of an event that runs nothing (values, patches)
 
 
+def current_durable_task() -> DurableContext:
+    """current_task(), typed as what it is in this lesson: every task is durable, and its
+    function sees a DurableContext (steps, and what the worker's TaskContext has)."""
+    ctx = current_task()
+    assert isinstance(ctx, DurableContext), "the worker gives every task a DurableContext"
+    return ctx
+
+
 class DurableContext(TaskContext):
     """A TaskContext (task_context.py) that also keeps the task's event log: `step()`, the
     recorded values `now()`, `random()` and `uuid4()`, and `patched()`.
@@ -255,7 +263,7 @@ class DurableContext(TaskContext):
             self.replayed += 1
             if event.kind == EventKind.STEP_FAILED:
                 raise StepError(event.name, event.error or "")
-            return event.result
+            return cast(T, event.result)  # what the function returned then, through JSON
 
         self.check()  # the attempt is over (cancelled, timed out, lease lost): do not start
         self.ran += 1
@@ -379,7 +387,7 @@ class DurableContext(TaskContext):
         event = self._replay(Call("value", name))
         if event is not None:
             self.replayed += 1
-            return event.result
+            return event.result  # what the function returned then, through JSON
         self.check()
         self._seq += 1
         return self._append(self._seq, EventKind.VALUE_RECORDED, name, None, read(), None, NO_TIME)

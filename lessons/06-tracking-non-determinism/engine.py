@@ -417,7 +417,8 @@ class Engine:
         )
         with self.connection() as conn:
             queries = Querier(conn)
-            if concurrency_key is None:
+            # check_concurrency_options: the key and its limit come together, or not at all.
+            if concurrency_key is None or max_running is None:
                 # One statement, in autocommit: one round trip. (BEGIN and COMMIT would be two
                 # more, which is most of the cost of enqueueing a single task.)
                 return self._insert(queries, inputs, idempotency_key, params)
@@ -449,6 +450,7 @@ class Engine:
             )
             if task_id is not None:
                 return [task_id]
+            assert idempotency_key is not None  # only the key's unique index refuses an INSERT
             earlier = queries.get_task_by_idempotency_key(idempotency_key=idempotency_key)
             if earlier is None:
                 continue  # deleted in between by the retention query: the key is free again
@@ -707,9 +709,9 @@ def check_seconds(name: str, value: object, *, positive: bool) -> None:
     """Raise TaskOptionError unless `value` is a number of seconds: at least a millisecond if
     `positive` (the database keeps microseconds, and `timeout=1e-9` would be stored as 0), at
     least 0 otherwise, and less than 1e9 (about 31 years)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    lowest = 0.001 if positive else 0
     # `value < 1e9` also refuses NaN (every comparison with NaN is false) and infinity.
-    if not ok or not (0.001 <= value < 1e9 if positive else 0 <= value < 1e9):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lowest <= value < 1e9:
         bound = "at least 0.001" if positive else "0 or more"
         raise TaskOptionError(f"{name} must be a number of seconds, {bound}, got {value!r}")
 

@@ -50,7 +50,7 @@ class Deploys:
     """The worker processes of the demo, one per deploy: `python worker.py` with a version."""
 
     def __init__(self, url: str) -> None:
-        self.dbname = conninfo.conninfo_to_dict(url)["dbname"]
+        self.dbname = str(conninfo.conninfo_to_dict(url)["dbname"])
         self.processes: dict[str, subprocess.Popen] = {}
         self.names = {os.getpid(): "main.py"}  # pid -> name, to show who did what
         self.logs: dict[str, str] = {}  # name -> what the worker wrote to stderr, once it ended
@@ -157,7 +157,7 @@ def the_operator_replays(engine: Engine, task_id: int, deploys: Deploys) -> None
             f" history {action.replay} ({action.events} events) {kept}"
         )
     steps = show_effects(engine, task_id, deploys)
-    items = len(engine.get(task_id).input["items"])
+    items = len(engine.wait(task_id).input["items"])
     print(
         f"  {steps['reserve']} reservations for {items} items: a replay runs every step"
         " again, even those whose side effects the old history had made"

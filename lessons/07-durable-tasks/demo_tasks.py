@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from durable import current_durable_task
 from engine import Engine
 from psycopg_pool import ConnectionPool
 from task_context import current_task
@@ -60,11 +61,11 @@ def summarise(question: str, findings: list[dict], outages: int) -> str:
     """Down for its first `outages` calls (counted in `effects`, so across attempts)."""
     assert _effects is not None, "call register(engine) first"
     with _effects.connection() as conn:
-        failed = conn.execute(
+        [(failed,)] = conn.execute(
             "SELECT count(*) FROM effects WHERE task_id = %s AND step = 'model down'",
             (current_task().task_id,),
-        ).fetchone()
-    if failed[0] < outages:
+        ).fetchall()
+    if failed < outages:
         side_effect("model down", question)
         raise ConnectionError("the language model is unavailable")
     side_effect("summarise", question)
@@ -93,7 +94,7 @@ def read_reviews(input: dict) -> dict:
 # region: research
 def research(input: dict) -> str:
     """The agent: plan, call the tools in parallel as child tasks, summarise."""
-    ctx = current_task()  # a DurableContext (durable.py): the agent's log
+    ctx = current_durable_task()  # a DurableContext (durable.py): the agent's log
     calls = ctx.step("plan", plan, input["question"], input.get("review_seconds", 1.5))
     # One child per tool call, all started before waiting for any: they run in parallel, on
     # any workers with free slots, each with its own retries.

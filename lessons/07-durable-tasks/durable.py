@@ -3,7 +3,7 @@
 A task function wraps each piece of work that must not be repeated (charge the card, book the
 room, send the email) in a step:
 
-    ctx = current_task()
+    ctx = current_durable_task()
     payment = ctx.step("charge", charge_card, order["card"], order["total"])
 
 The first time, the step runs, and its result is appended to the task's event log
@@ -63,7 +63,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from db.models import EventKind, TaskEvent, TaskStatus
@@ -81,7 +81,14 @@ from engine import (
 )
 from outages import Backoff, is_outage
 from psycopg_pool import ConnectionPool
-from task_context import LeaseLostError, Outcome, TaskContext, TaskStopped, TaskSuspended
+from task_context import (
+    LeaseLostError,
+    Outcome,
+    TaskContext,
+    TaskStopped,
+    TaskSuspended,
+    current_task,
+)
 
 T = TypeVar("T")
 
@@ -244,6 +251,18 @@ class _Failure:
 NO_TIME = datetime.timedelta(0)  # the duration of an event that runs nothing (values, patches)
 
 
+def current_durable_task() -> DurableContext:
+    """current_task() inside a durable task: its DurableContext, with steps, spawn and wait.
+    A regular task's function has no log to write to, so it gets a clear error instead."""
+    ctx = current_task()
+    if not isinstance(ctx, DurableContext):
+        raise RuntimeError(
+            f"task {ctx.task_id} is a regular task: steps, values and children need a durable"
+            " task (engine.durable_task)"
+        )
+    return ctx
+
+
 class DurableContext(TaskContext):
     """A TaskContext (task_context.py) that also keeps the task's event log: `step()`, the
     recorded values `now()`, `random()` and `uuid4()`, and `patched()`.
@@ -325,7 +344,7 @@ class DurableContext(TaskContext):
             self.replayed += 1
             if event.kind == EventKind.STEP_FAILED:
                 raise StepError(event.name, event.error or "")
-            return event.result
+            return cast(T, event.result)  # what the function returned then, through JSON
 
         self.check()  # the attempt is over (cancelled, timed out, lease lost): do not start
         self.ran += 1
@@ -453,7 +472,7 @@ class DurableContext(TaskContext):
         event = self._replay(Call("value", name))
         if event is not None:
             self.replayed += 1
-            return event.result
+            return event.result  # what the function returned then, through JSON
         self.check()
         self._seq += 1
         return self._append(self._seq, EventKind.VALUE_RECORDED, name, None, read(), None, NO_TIME)
@@ -682,8 +701,9 @@ class DurableContext(TaskContext):
 
     # endregion
 
-    def _lost(self, seq: int, name: str) -> LeaseLostError:
-        """_append's LeaseLostError, for the spawn and the wait."""
+    def _lost(self, seq: int, name: str) -> TaskStopped:
+        """Why the spawn or the wait could not be recorded: the attempt's end (cancelled, timed
+        out) if the worker already knows it, else a LeaseLostError, as _append raises."""
         lost = self.reason or LeaseLostError(
             f"task {self.task_id}: attempt {self.attempt} no longer holds the task"
             f" (lease expired, cancelled or timed out): event {seq} ({name!r}) not recorded"

@@ -49,7 +49,7 @@ class Workers:
     """The demo's worker processes: `python worker.py --name NAME --slots N`."""
 
     def __init__(self, url: str) -> None:
-        self.dbname = conninfo.conninfo_to_dict(url)["dbname"]
+        self.dbname = str(conninfo.conninfo_to_dict(url)["dbname"])
         self.processes: dict[str, subprocess.Popen] = {}
         self.names = {os.getpid(): "main.py"}  # pid -> name, to show who did what
         self.logs: dict[str, str] = {}  # name -> what the worker wrote to stderr, once it ended
@@ -117,7 +117,7 @@ def killed_and_resumed(engine: Engine, workers: Workers) -> int:
     # finished, and read_reviews, which takes a second and a half, is running.
     wait_for(
         lambda: (
-            engine.get(agent).status == TaskStatus.SUSPENDED
+            status(engine, agent) == TaskStatus.SUSPENDED
             and statuses(engine, agent) == ["completed", "completed", "running"]
         )
     )
@@ -198,6 +198,12 @@ def side_effects(engine: Engine, agent: int, workers: Workers) -> None:
 
 
 # endregion
+
+
+def status(engine: Engine, task_id: int) -> TaskStatus:
+    task = engine.get(task_id)
+    assert task is not None, f"task {task_id} has disappeared"
+    return task.status
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:

@@ -659,9 +659,8 @@ def check_count(name: str, value: object) -> None:
 
 
 def check_seconds(name: str, value: object, most: float) -> None:
-    # Written so that NaN fails it: every comparison with NaN is false.
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not (ok and 0 < value <= most):
+    # `0 < value` also refuses NaN: every comparison with NaN is false.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= most:
         raise ValueError(f"{name} must be more than 0 and at most {most:g} seconds, got {value!r}")
 
 

@@ -181,7 +181,7 @@ def _redact(url: str) -> str:
         return "an unparseable connection string"
     if "password" in params:
         params["password"] = "***"
-    return conninfo.make_conninfo(**params)
+    return conninfo.make_conninfo("", **params)
 
 
 def _embedded_server_url() -> str:

@@ -20,7 +20,7 @@ class Task:
     name: str
     input: Any
     status: TaskStatus
-    output: Any | None
+    output: Any
     error: str | None
     worker: str | None
     created_at: datetime.datetime

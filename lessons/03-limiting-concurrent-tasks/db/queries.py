@@ -334,7 +334,7 @@ class Querier:
             return None
         return row[0]
 
-    def complete_task(self, *, output: Any | None, id: int) -> int:
+    def complete_task(self, *, output: Any, id: int) -> int:
         """Record a running task's return value; 0 rows means it was not running and nothing changed."""
         with self._cursor() as cur:
             cur.execute(COMPLETE_TASK, [None if output is None else Jsonb(output), id])

@@ -37,7 +37,7 @@ class Task:
     input: Any
     concurrency_key: str | None
     status: TaskStatus
-    output: Any | None
+    output: Any
     error: str | None
     worker: str | None
     created_at: datetime.datetime

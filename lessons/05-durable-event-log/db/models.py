@@ -42,7 +42,7 @@ class Task:
     input: Any
     concurrency_key: str | None
     status: TaskStatus
-    output: Any | None
+    output: Any
     error: str | None
     worker: str | None
     created_at: datetime.datetime
@@ -77,7 +77,7 @@ class TaskEvent:
     attempt: int
     kind: EventKind
     name: str
-    result: Any | None
+    result: Any
     error: str | None
     duration: datetime.timedelta
     recorded_at: datetime.datetime

@@ -490,7 +490,7 @@ RETURNING seq, result
 @dataclasses.dataclass
 class AppendEventRow:
     seq: int
-    result: Any | None
+    result: Any
 
 
 GET_EVENT = """-- name: GetEvent :one
@@ -974,7 +974,7 @@ class Querier:
         attempt: int,
         kind: models.EventKind,
         name: str,
-        result: Any | None,
+        result: Any,
         error: str | None,
         duration: datetime.timedelta,
         task_id: int,

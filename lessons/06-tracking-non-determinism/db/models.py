@@ -49,7 +49,7 @@ class Task:
     input: Any
     concurrency_key: str | None
     status: TaskStatus
-    output: Any | None
+    output: Any
     error: str | None
     worker: str | None
     created_at: datetime.datetime
@@ -87,7 +87,7 @@ class TaskEvent:
     kind: EventKind
     name: str
     input_hash: str | None
-    result: Any | None
+    result: Any
     error: str | None
     duration: datetime.timedelta
     recorded_at: datetime.datetime

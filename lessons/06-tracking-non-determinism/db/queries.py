@@ -496,7 +496,7 @@ RETURNING seq, result
 @dataclasses.dataclass
 class AppendEventRow:
     seq: int
-    result: Any | None
+    result: Any
 
 
 GET_EVENT = """-- name: GetEvent :one
@@ -1026,7 +1026,7 @@ class Querier:
         kind: models.EventKind,
         name: str,
         input_hash: str | None,
-        result: Any | None,
+        result: Any,
         error: str | None,
         duration: datetime.timedelta,
         task_id: int,

@@ -54,7 +54,7 @@ class Task:
     input: Any
     concurrency_key: str | None
     status: TaskStatus
-    output: Any | None
+    output: Any
     error: str | None
     worker: str | None
     created_at: datetime.datetime
@@ -95,7 +95,7 @@ class TaskEvent:
     kind: EventKind
     name: str
     input_hash: str | None
-    result: Any | None
+    result: Any
     error: str | None
     child_id: int | None
     duration: datetime.timedelta

@@ -564,7 +564,7 @@ RETURNING seq, result
 @dataclasses.dataclass
 class AppendEventRow:
     seq: int
-    result: Any | None
+    result: Any
 
 
 GET_EVENT = """-- name: GetEvent :one
@@ -707,7 +707,7 @@ class RecordChildOutcomesRow:
     seq: int
     kind: models.EventKind
     name: str
-    result: Any | None
+    result: Any
     error: str | None
     child_id: int | None
 
@@ -1306,7 +1306,7 @@ class Querier:
         kind: models.EventKind,
         name: str,
         input_hash: str | None,
-        result: Any | None,
+        result: Any,
         error: str | None,
         child_id: int | None,
         duration: datetime.timedelta,

@@ -84,7 +84,9 @@ class ValueType:
             text = models_prefix + text
         for _ in range(self.array_dims):
             text = f"list[{text}]"
-        return f"{text} | None" if self.nullable else text
+        # `Any` (json) already admits None: `Any | None` would only make a type checker insist
+        # on a None check before every use of a JSON value.
+        return f"{text} | None" if self.nullable and text != "Any" else text
 
 
 @dataclasses.dataclass
