@@ -25,8 +25,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Two test processes (pytest-xdist) on a 2-core machine, at most four on bigger ones: the tests
+# wait on PostgreSQL and on worker threads more than they compute.
 test: install lint typecheck check-generated
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,10 +1,15 @@
-"""Lesson 07: durable tasks that spawn regular tasks as children and suspend while they wait.
+"""Lesson 07: durable tasks that spawn regular tasks as children and suspend while they wait,
+kept by lesson 07 and every later lesson.
 
 The wake-up race is tested deterministically: a connection of the test holds the parent's row
 lock while the parent's suspension and the child's completion line up behind it, watched in
 pg_stat_activity, and then lets them through in a chosen order. The crash between a child's
 INSERT and its spawn event is a real one: the worker process kills itself there with SIGKILL.
-"Ran once" is never taken from the logs alone: the children count their own runs.
+"Ran once" is never taken from the logs alone: the children count their own runs, and the
+demo's tools write their side effects to a table of their own.
+
+Each test runs against every lesson from 07 to the latest (the `lesson` fixture), except those
+of lesson 07's own scripts (inspect_task.py, main.py): a later lesson has its own.
 """
 
 from __future__ import annotations
@@ -20,52 +25,32 @@ from collections import Counter
 
 import psycopg
 import pytest
-from harness import import_lesson, lesson_dir, lesson_env, run_main, running, wait_until
+from hardway import postgres
+from harness import (
+    import_lesson,
+    lesson_dir,
+    lesson_env,
+    lessons_from,
+    load_lesson,
+    run_main,
+    running,
+    sql,
+    wait_until,
+)
 from psycopg import conninfo
 
 LESSON = "07-durable-tasks"
-L = import_lesson(
-    LESSON,
-    "engine",
-    "worker",
-    "durable",
-    "task_context",
-    "demo_tasks",
-    "inspect_task",
-    "db.models",
-    "db.queries",
-)
-Engine, Worker = L.engine.Engine, L.worker.Worker
-current_task = L.task_context.current_task
-TaskCancelled = L.task_context.TaskCancelled
-ChildTaskError, NonDeterminismError = L.durable.ChildTaskError, L.durable.NonDeterminismError
-TaskStatus, AttemptStatus, EventKind = (
-    L.db_models.TaskStatus,
-    L.db_models.AttemptStatus,
-    L.db_models.EventKind,
-)
 XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
-@pytest.fixture
-def url(lesson_db) -> str:
-    return lesson_db(LESSON)
+@pytest.fixture(params=lessons_from("07"), scope="module")
+def lesson(request):
+    return load_lesson(request.param)
 
 
-@pytest.fixture
-def engine(url):
-    with Engine(url) as engine:
-        yield engine
-
-
-def worker(engine, name: str = "w", **options):
-    return Worker(engine, name, poll_interval=options.pop("poll_interval", 0.02), **options)
-
-
-def sql(url: str, query: str, *params):
-    with psycopg.connect(url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else cur.rowcount
+def worker(lesson, engine, name: str = "w", **options):
+    options.setdefault("poll_interval", 0.02)
+    return lesson.worker.Worker(engine, name, **options)
 
 
 def statuses(tasks) -> list[str]:
@@ -85,7 +70,8 @@ def spawn_events(url: str, parent: int) -> list[int]:
 # --- suspend and resume ------------------------------------------------------------------------
 
 
-def test_a_parent_waiting_for_its_child_completes_on_a_single_slot(url, engine):
+def test_a_parent_waiting_for_its_child_completes_on_a_single_slot(lesson, url, engine):
+    current_task = lesson.task_context.current_task
     runs = Counter()
 
     @engine.task("add_one")
@@ -100,23 +86,24 @@ def test_a_parent_waiting_for_its_child_completes_on_a_single_slot(url, engine):
 
     task_id = engine.enqueue("parent", 4)
     # ONE slot: the parent must give it up while it waits, or its child never runs.
-    with running(worker(engine, slots=1)):
+    with running(worker(lesson, engine, slots=1)):
         task = engine.wait(task_id, timeout=30)
-    assert (task.status, task.output, task.suspensions) == (TaskStatus.COMPLETED, 50, 1)
+    assert (task.status, task.output, task.suspensions) == ("completed", 50, 1)
     assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
     (child,) = engine.children(task_id)
-    assert (child.status, child.output, child.parent_id) == (TaskStatus.COMPLETED, 5, task_id)
+    assert (child.status, child.output, child.parent_id) == ("completed", 5, task_id)
     assert runs == {"add_one": 1}
     # The audit: never two tasks running at once on the one slot, from the attempts' times.
     with psycopg.connect(url) as conn:
-        (most,) = L.db_queries.Querier(conn).most_running_per_worker()
+        (most,) = lesson.db_queries.Querier(conn).most_running_per_worker()
     assert most.most_at_once == 1
     # Retention: the child goes with its parent (one task deleted, its child with it).
     assert engine.cleanup(older_than=0) == 1
     assert engine.get(task_id) is None and engine.get(child.id) is None
 
 
-def test_fan_out_50_children_and_fan_in(url, engine):
+def test_fan_out_50_children_and_fan_in(lesson, url, engine):
+    current_task = lesson.task_context.current_task
     runs = Counter()
 
     @engine.task("square")
@@ -132,20 +119,20 @@ def test_fan_out_50_children_and_fan_in(url, engine):
         return sum(ctx.wait_all(handles))
 
     task_id = engine.enqueue("fan_out", 50)
-    workers = [worker(engine, f"w{i}", slots=4, lease=30) for i in range(3)]
+    workers = [worker(lesson, engine, f"w{i}", slots=4, lease=30) for i in range(3)]
     with running(*workers):
         task = engine.wait(task_id, timeout=60)
-    assert (task.status, task.output) == (TaskStatus.COMPLETED, sum(i * i for i in range(50)))
+    assert (task.status, task.output) == ("completed", sum(i * i for i in range(50)))
     children = engine.children(task_id)
     assert [c.input for c in children] == list(range(50))
-    assert all(c.status == TaskStatus.COMPLETED and c.attempts == 1 for c in children)
+    assert all(c.status == "completed" and c.attempts == 1 for c in children)
     assert runs == {i: 1 for i in range(50)}
     assert len({c.worker for c in children}) > 1  # the children were shared out
     # The log: 50 spawns, then 50 outcomes, in spawn order, whatever order they finished in.
     events = engine.events(task_id)
     assert [(e.seq, e.kind) for e in events] == [
-        *((n, EventKind.CHILD_SPAWNED) for n in range(1, 51)),
-        *((n, EventKind.CHILD_COMPLETED) for n in range(51, 101)),
+        *((n, "child_spawned") for n in range(1, 51)),
+        *((n, "child_completed") for n in range(51, 101)),
     ]
     assert [e.child_id for e in events[50:]] == [c.id for c in children]
     assert [e.result for e in events[50:]] == [i * i for i in range(50)]
@@ -154,11 +141,40 @@ def test_fan_out_50_children_and_fan_in(url, engine):
     assert statuses(attempts) == ["suspended", "completed"]
     assert attempts[1].started_at >= max(c.finished_at for c in children)
     with psycopg.connect(url) as conn:
-        most = L.db_queries.Querier(conn).most_running_per_worker()
+        most = lesson.db_queries.Querier(conn).most_running_per_worker()
     assert all(row.most_at_once <= 4 for row in most)
 
 
-def test_a_suspended_task_does_not_count_against_its_concurrency_key(engine):
+def test_a_suspension_is_not_a_try(lesson, engine):
+    """Waiting is not failing: a parent allowed two tries that suspends once, then fails once,
+    has a try left. (Counted as a try, its suspension would have used up the first.)"""
+    current_task = lesson.task_context.current_task
+    model_calls = Counter()
+    engine.task("add_one")(lambda n: n + 1)
+
+    def summarise(found: int) -> int:
+        model_calls["summarise"] += 1
+        if model_calls["summarise"] == 1:
+            raise ConnectionError("the model is down")
+        return found * 10
+
+    @engine.durable_task("parent", max_attempts=2, backoff=0.01)
+    def parent(n):
+        ctx = current_task()
+        found = ctx.wait(ctx.spawn("add_one", n))
+        return ctx.step("summarise", summarise, found)
+
+    task_id = engine.enqueue("parent", 4)
+    # ONE slot: the child cannot run before the parent has suspended, so it always does.
+    with running(worker(lesson, engine, slots=1)):
+        task = engine.wait(task_id, timeout=30)
+    assert (task.status, task.output, task.error) == ("completed", 50, None)
+    assert statuses(engine.attempts(task_id)) == ["suspended", "failed", "completed"]
+    assert (task.attempts, task.suspensions, model_calls["summarise"]) == (3, 1, 2)
+
+
+def test_a_suspended_task_does_not_count_against_its_concurrency_key(lesson, engine):
+    current_task = lesson.task_context.current_task
     release = threading.Event()
 
     @engine.task("slow")
@@ -177,16 +193,17 @@ def test_a_suspended_task_does_not_count_against_its_concurrency_key(engine):
 
     first = engine.enqueue("parent", concurrency_key="k", max_running=1)
     second = engine.enqueue("other", concurrency_key="k", max_running=1)
-    with running(worker(engine, slots=3)):
+    with running(worker(lesson, engine, slots=3)):
         # The key allows one running task. The parent takes it, then suspends: the key's
         # place is free again, and the other task of the key runs while the parent waits.
-        assert engine.wait(second, timeout=30).status == TaskStatus.COMPLETED
-        assert engine.get(first).status == TaskStatus.SUSPENDED
+        assert engine.wait(second, timeout=30).status == "completed"
+        assert engine.get(first).status == "suspended"
         release.set()
         assert engine.wait(first, timeout=30).output == "slow"
 
 
-def test_a_child_that_fails_raises_child_task_error_in_the_parent_on_every_replay(engine):
+def test_a_child_that_fails_raises_child_task_error_in_the_parent_on_every_replay(lesson, engine):
+    current_task = lesson.task_context.current_task
     caught = []
 
     @engine.task("flaky", max_attempts=2, backoff=0.01)
@@ -199,7 +216,7 @@ def test_a_child_that_fails_raises_child_task_error_in_the_parent_on_every_repla
         child = ctx.spawn("flaky")
         try:
             ctx.wait(child)
-        except ChildTaskError as err:
+        except lesson.durable.ChildTaskError as err:
             caught.append((ctx.attempt, str(err)))
             ctx.step("apologise", lambda: "sorry")
         if ctx.attempt == 2:
@@ -207,22 +224,23 @@ def test_a_child_that_fails_raises_child_task_error_in_the_parent_on_every_repla
         return "handled"
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, slots=2)):
+    with running(worker(lesson, engine, slots=2)):
         task = engine.wait(task_id, timeout=30)
     (child,) = engine.children(task_id)
     message = f"child task {child.id} ('flaky') failed: ValueError: broken on attempt 2"
     # Attempt 1 suspended; attempt 2 recorded the failure and crashed; attempt 3 replayed it.
     assert caught == [(2, message), (3, message)]
-    assert (task.status, task.output, task.attempts) == (TaskStatus.COMPLETED, "handled", 3)
+    assert (task.status, task.output, task.attempts) == ("completed", "handled", 3)
     assert [(e.kind, e.error) for e in engine.events(task_id)] == [
-        (EventKind.CHILD_SPAWNED, None),
-        (EventKind.CHILD_FAILED, "ValueError: broken on attempt 2"),
-        (EventKind.STEP_COMPLETED, None),
+        ("child_spawned", None),
+        ("child_failed", "ValueError: broken on attempt 2"),
+        ("step_completed", None),
     ]
     assert child.attempts == 2  # the child's own retries, not the parent's
 
 
-def test_spawn_and_wait_misuse_is_refused_with_clear_errors(engine):
+def test_spawn_and_wait_misuse_is_refused_with_clear_errors(lesson, engine):
+    current_task = lesson.task_context.current_task
     errors = []
 
     @engine.task("tool")
@@ -242,13 +260,13 @@ def test_spawn_and_wait_misuse_is_refused_with_clear_errors(engine):
             except (LookupError, ValueError) as err:
                 errors.append((ctx.attempt, f"{type(err).__name__}: {err}"))
         try:
-            ctx.wait(L.durable.ChildHandle(12345, "tool"))
+            ctx.wait(lesson.durable.ChildHandle(12345, "tool"))
         except ValueError as err:
             errors.append((ctx.attempt, str(err)))
         return ctx.wait(ctx.spawn("tool", "fine"))
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, slots=2)):
+    with running(worker(lesson, engine, slots=2)):
         task = engine.wait(task_id, timeout=30)
     refused = [
         "UnknownTaskError: no task named 'nope' is registered (regular: tool)",
@@ -259,11 +277,12 @@ def test_spawn_and_wait_misuse_is_refused_with_clear_errors(engine):
     ]
     # Refused on both runs: the second, after the suspension, runs the same code again.
     assert errors == [(1, error) for error in refused] + [(2, error) for error in refused]
-    assert (task.status, task.output) == (TaskStatus.COMPLETED, "fine")
+    assert (task.status, task.output) == ("completed", "fine")
     assert len(engine.children(task_id)) == 1  # the refused spawns wrote nothing
 
 
-def test_a_replay_that_spawns_another_child_diverges(engine):
+def test_a_replay_that_spawns_another_child_diverges(lesson, engine):
+    current_task = lesson.task_context.current_task
     deployed = {"tool": "search"}
 
     for name in ("search", "browse"):
@@ -279,9 +298,9 @@ def test_a_replay_that_spawns_another_child_diverges(engine):
         return "done"
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, slots=2)):
+    with running(worker(lesson, engine, slots=2)):
         task = engine.wait(task_id, timeout=30)
-    assert task.status == TaskStatus.FAILED and task.attempts == 2
+    assert task.status == "failed" and task.attempts == 2
     assert "NonDeterminismError" in task.error
     assert "expected ctx.spawn() of a 'search' child" in task.error
     assert "but the code asked for ctx.spawn() of a 'browse' child" in task.error
@@ -289,7 +308,7 @@ def test_a_replay_that_spawns_another_child_diverges(engine):
     assert [c.name for c in engine.children(task_id)] == ["search"]  # no second child
 
 
-def test_nul_characters_fail_their_own_task_and_never_the_worker(engine):
+def test_nul_characters_fail_their_own_task_and_never_the_worker(lesson, engine):
     """PostgreSQL refuses NUL in text and jsonb: a result or error quoting binary data fails
     its own task with a clear reason (or is escaped) while the worker's other tasks finish."""
     engine.task("ok")(lambda input: "fine")
@@ -300,7 +319,7 @@ def test_nul_characters_fail_their_own_task_and_never_the_worker(engine):
 
     engine.task("nul_error", max_attempts=1)(nul_error)
     ids = [engine.enqueue(name) for name in ("ok", "nul_output", "nul_error", "ok")]
-    with running(worker(engine, slots=4)):
+    with running(worker(lesson, engine, slots=4)):
         tasks = [engine.wait(task_id, timeout=30) for task_id in ids]
     assert [t.status for t in tasks] == ["completed", "failed", "failed", "completed"]
     assert tasks[1].error.endswith(
@@ -310,8 +329,9 @@ def test_nul_characters_fail_their_own_task_and_never_the_worker(engine):
     assert [t.attempts for t in tasks] == [1, 1, 1, 1]  # no worker died, nothing ran twice
 
 
-def test_waiting_for_same_named_children_in_another_order_diverges(engine):
+def test_waiting_for_same_named_children_in_another_order_diverges(lesson, engine):
     """Children of one name are told apart by id on replay, not matched by name alone."""
+    current_task = lesson.task_context.current_task
     swapped = {"order": False}
     engine.task("double")(lambda n: 2 * n)
 
@@ -326,9 +346,9 @@ def test_waiting_for_same_named_children_in_another_order_diverges(engine):
         return results
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, slots=3)):
+    with running(worker(lesson, engine, slots=3)):
         task = engine.wait(task_id, timeout=30)
-    assert task.status == TaskStatus.FAILED, task.output  # not [4, 2]: the other child's results
+    assert task.status == "failed", task.output  # not [4, 2]: the other child's results
     assert "NonDeterminismError" in task.error
     children = [c.id for c in engine.children(task_id)]
     assert f"the history waited for task {children[0]} here, the code for task {children[1]}" in (
@@ -352,10 +372,13 @@ def blocked(url: str, application: str, query: str) -> bool:
 
 
 @pytest.mark.parametrize("first", ["suspension", "completion", "suspension-uncommitted"])
-def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, monkeypatch, first):
+def test_a_child_ending_while_its_parent_suspends_always_wakes_it(
+    lesson, url, engine, monkeypatch, first
+):
     """The suspension and the child's end both lock the parent's row. The test lines them up
     behind a lock it holds itself (or pauses the suspension before its commit), watches them
     wait in pg_stat_activity, and lets go: every order ends with the parent completed."""
+    current_task = lesson.task_context.current_task
     parent_ready, parent_go, child_go = threading.Event(), threading.Event(), threading.Event()
     decided, commit = threading.Event(), threading.Event()
 
@@ -373,7 +396,7 @@ def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, m
             parent_go.wait(60)
         return ctx.wait(handle)
 
-    suspend_task = L.db_queries.Querier.suspend_task
+    suspend_task = lesson.db_queries.Querier.suspend_task
 
     def suspend_then_pause(self, **kwargs):
         row = suspend_task(self, **kwargs)  # decided, the row locked, not committed yet
@@ -382,13 +405,13 @@ def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, m
         return row
 
     if first == "suspension-uncommitted":
-        monkeypatch.setattr(L.db_queries.Querier, "suspend_task", suspend_then_pause)
+        monkeypatch.setattr(lesson.db_queries.Querier, "suspend_task", suspend_then_pause)
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, "w", slots=2, lease=30)):
+    with running(worker(lesson, engine, "w", slots=2, lease=30)):
         assert parent_ready.wait(30)
         (child_task,) = engine.children(task_id)
-        wait_until(lambda: engine.get(child_task.id).status == TaskStatus.RUNNING)
+        wait_until(lambda: engine.get(child_task.id).status == "running")
         if first == "suspension-uncommitted":
             # The suspension has checked (the child is running) and holds the parent's row.
             # The child's end must wait for its commit; reading the row without the lock, it
@@ -400,7 +423,7 @@ def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, m
             wait_until(
                 lambda: (
                     blocked(url, "w", "LockTasks")
-                    or engine.get(child_task.id).status == TaskStatus.COMPLETED
+                    or engine.get(child_task.id).status == "completed"
                 ),
                 timeout=30,
             )
@@ -429,7 +452,7 @@ def test_a_child_ending_while_its_parent_suspends_always_wakes_it(url, engine, m
                 holder.rollback()  # let go: the one that asked first gets the lock first
         task = engine.wait(task_id, timeout=30)
 
-    assert (task.status, task.output) == (TaskStatus.COMPLETED, "child done")
+    assert (task.status, task.output) == ("completed", "child done")
     if first == "completion":
         # The child's end committed first; the suspension, checking in a new statement once
         # it held the lock, saw it finished, did not suspend, and went on in the same attempt.
@@ -466,62 +489,55 @@ def register(engine):
 
 
 def test_a_crash_between_the_child_and_its_spawn_event_leaves_neither(
-    lesson_db, pg_server_url, tmp_path
+    lesson, engine, url, pg_server_url, tmp_path
 ):
-    url = lesson_db(LESSON)
     dbname = conninfo.conninfo_to_dict(url)["dbname"]
     (tmp_path / "crash_tasks.py").write_text(CRASH_TASKS)
     env = dict(lesson_env(pg_server_url, dbname), PYTHONPATH=str(tmp_path))
 
     def worker_process(name: str, **extra_env: str) -> subprocess.Popen:
-        command = [sys.executable, str(lesson_dir(LESSON) / "worker.py"), "--name", name]
+        command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py"), "--name", name]
         command += ["--tasks", "crash_tasks", "--lease", "2", "--poll-interval", "0.05"]
         command += ["--slots", "2"]
         return subprocess.Popen(
             command, env={**env, **extra_env}, stderr=subprocess.PIPE, text=True
         )
 
-    with Engine(url) as engine:
-        engine.task("double")(lambda n: None)  # the test process only enqueues
-        engine.durable_task("gather")(lambda input: None)
-        task_id = engine.enqueue("gather")
-        # worker-A kills itself at its first spawn, after the child's INSERT, before the
-        # event's: in the middle of the transaction.
-        first = worker_process("worker-A", DURABLE_CRASH_AT="spawn")
-        first.communicate(timeout=60)
-        assert first.returncode == -signal.SIGKILL
-        # What it left: the plan, and no child. The INSERT did happen: it used up an id.
-        assert [e.name for e in engine.events(task_id)] == ["plan"]
-        assert engine.children(task_id) == []
-        assert engine.get(task_id).status == TaskStatus.RUNNING  # until its lease runs out
+    engine.task("double")(lambda n: None)  # the test process only enqueues
+    engine.durable_task("gather")(lambda input: None)
+    task_id = engine.enqueue("gather")
+    # worker-A kills itself at its first spawn, after the child's INSERT, before the event's:
+    # in the middle of the transaction.
+    first = worker_process("worker-A", DURABLE_CRASH_AT="spawn")
+    first.communicate(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    # What it left: the plan, and no child. The INSERT did happen: it used up an id.
+    assert [e.name for e in engine.events(task_id)] == ["plan"]
+    assert engine.children(task_id) == []
+    assert engine.get(task_id).status == "running"  # until its lease runs out
 
-        second = worker_process("worker-B")
-        try:
-            task = engine.wait(task_id, timeout=60)
-        finally:
-            second.terminate()
-            second.communicate(timeout=30)
-        children = engine.children(task_id)
-
-    assert (task.status, task.output) == (TaskStatus.COMPLETED, [0, 2, 4])
+    second = worker_process("worker-B")
+    try:
+        task = engine.wait(task_id, timeout=60)
+    finally:
+        second.terminate()
+        second.communicate(timeout=30)
+    children = engine.children(task_id)
+    assert (task.status, task.output) == ("completed", [0, 2, 4])
     # Three children, one per spawn event, and the first one's id is not task_id + 1: that id
     # went to the INSERT that worker-A's death rolled back.
     assert [c.input for c in children] == [0, 1, 2]
     assert spawn_events(url, task_id) == [c.id for c in children]
     assert children[0].id == task_id + 2
-    assert all(c.status == TaskStatus.COMPLETED and c.attempts == 1 for c in children)
-    assert statuses(engine_attempts(url, task_id)) == ["failed", "suspended", "completed"]
-
-
-def engine_attempts(url: str, task_id: int):
-    with Engine(url) as engine:
-        return engine.attempts(task_id)
+    assert all(c.status == "completed" and c.attempts == 1 for c in children)
+    assert statuses(engine.attempts(task_id)) == ["failed", "suspended", "completed"]
 
 
 # --- operator actions: retry keeps the children, replay spawns new ones, cancel propagates ----
 
 
-def test_retry_keeps_the_children_and_replay_spawns_new_ones(url, engine):
+def test_retry_keeps_the_children_and_replay_spawns_new_ones(lesson, url, engine):
+    current_task = lesson.task_context.current_task
     runs = Counter()
     model = {"up": False}
 
@@ -542,9 +558,9 @@ def test_retry_keeps_the_children_and_replay_spawns_new_ones(url, engine):
         return ctx.step("summarise", summarise, results)
 
     task_id = engine.enqueue("agent")
-    with running(worker(engine, slots=2)):
+    with running(worker(lesson, engine, slots=2)):
         failed = engine.wait(task_id, timeout=30)
-        assert failed.status == TaskStatus.FAILED  # one try: the suspension did not count
+        assert failed.status == "failed"  # one try: the suspension did not count
         error = "StepError: step 'summarise' failed: ConnectionError: the model is down"
         assert failed.error == error
         assert (runs, len(engine.children(task_id))) == ({1: 1, 2: 1}, 2)
@@ -553,20 +569,20 @@ def test_retry_keeps_the_children_and_replay_spawns_new_ones(url, engine):
         engine.retry(task_id)
         retried = engine.wait(task_id, timeout=30)
         # The log was kept: the spawns and the waits replayed, no tool ran again.
-        assert (retried.status, retried.output) == (TaskStatus.COMPLETED, 30)
+        assert (retried.status, retried.output) == ("completed", 30)
         assert (runs, len(engine.children(task_id))) == ({1: 1, 2: 1}, 2)
 
         engine.replay(task_id)
         replayed = engine.wait(task_id, timeout=30)
         # A new history: two new children, and every tool ran again, once.
-        assert (replayed.status, replayed.output) == (TaskStatus.COMPLETED, 30)
+        assert (replayed.status, replayed.output) == ("completed", 30)
         children = engine.children(task_id)
         assert (runs, len(children)) == ({1: 2, 2: 2}, 4)
 
     histories = Counter((e.replay, e.kind) for e in engine.events(task_id))
     for history in (0, 1):
-        assert histories[(history, EventKind.CHILD_SPAWNED)] == 2
-        assert histories[(history, EventKind.CHILD_COMPLETED)] == 2
+        assert histories[(history, "child_spawned")] == 2
+        assert histories[(history, "child_completed")] == 2
     assert spawn_events(url, task_id) == [c.id for c in children]
     assert statuses(engine.attempts(task_id)) == [
         "suspended", "failed",  # the first run
@@ -575,7 +591,8 @@ def test_retry_keeps_the_children_and_replay_spawns_new_ones(url, engine):
     ]  # fmt: skip
 
 
-def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
+def test_cancelling_a_parent_cancels_its_unfinished_children(lesson, url, engine):
+    current_task = lesson.task_context.current_task
     stopped = []
 
     @engine.task("quick")
@@ -590,7 +607,7 @@ def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
     def blocker(input):
         try:
             current_task().sleep(60)  # wakes up, and raises, when its attempt is stopped
-        except TaskCancelled as err:
+        except lesson.task_context.TaskCancelled as err:
             stopped.append(str(err))
             raise
 
@@ -606,7 +623,7 @@ def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
 
     task_id = engine.enqueue("parent")
     # One slot: after quick, flaky runs and fails, blocker runs and blocks, later stays queued.
-    with running(worker(engine, slots=1, lease=3)):
+    with running(worker(lesson, engine, slots=1, lease=3)):
         wait_until(
             lambda: (
                 statuses(engine.children(task_id))
@@ -614,7 +631,7 @@ def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
             ),
             timeout=30,
         )
-        assert engine.get(task_id).status == TaskStatus.SUSPENDED
+        assert engine.get(task_id).status == "suspended"
         # Retention leaves a finished child alone while its parent has not finished.
         assert engine.cleanup(older_than=0) == 0
         assert engine.cancel(task_id) is True
@@ -622,7 +639,7 @@ def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
         # The blocker's worker learns at its next heartbeat (every second here), and stops it.
         wait_until(lambda: stopped, timeout=30)
 
-    assert engine.get(task_id).status == TaskStatus.CANCELLED
+    assert engine.get(task_id).status == "cancelled"
     children = engine.children(task_id)
     assert statuses(children) == ["completed", "cancelled", "cancelled", "cancelled"]
     assert stopped == [f"task {children[2].id} was cancelled"]
@@ -630,7 +647,9 @@ def test_cancelling_a_parent_cancels_its_unfinished_children(url, engine):
     assert engine.attempts(children[3].id) == []  # never ran
 
 
-def test_cancelling_a_child_wakes_its_parent_with_child_task_error(engine):
+def test_cancelling_a_child_wakes_its_parent_with_child_task_error(lesson, engine):
+    current_task = lesson.task_context.current_task
+
     @engine.task("slow")
     def slow(input):
         current_task().sleep(60)
@@ -640,24 +659,25 @@ def test_cancelling_a_child_wakes_its_parent_with_child_task_error(engine):
         ctx = current_task()
         try:
             return ctx.wait(ctx.spawn("slow"))
-        except ChildTaskError as err:
+        except lesson.durable.ChildTaskError as err:
             return f"gave up: {err.error}"
 
     task_id = engine.enqueue("parent")
-    with running(worker(engine, slots=2, lease=3)):
-        wait_until(lambda: engine.get(task_id).status == TaskStatus.SUSPENDED, timeout=30)
+    with running(worker(lesson, engine, slots=2, lease=3)):
+        wait_until(lambda: engine.get(task_id).status == "suspended", timeout=30)
         (child,) = engine.children(task_id)
-        wait_until(lambda: engine.get(child.id).status == TaskStatus.RUNNING, timeout=30)
+        wait_until(lambda: engine.get(child.id).status == "running", timeout=30)
         assert engine.cancel(child.id) is True
         task = engine.wait(task_id, timeout=30)
-    assert (task.status, task.output) == (TaskStatus.COMPLETED, "gave up: cancelled")
-    assert engine.get(child.id).status == TaskStatus.CANCELLED
+    assert (task.status, task.output) == ("completed", "gave up: cancelled")
+    assert engine.get(child.id).status == "cancelled"
 
 
 # --- under concurrency: cancels, completions and heartbeats never deadlock --------------------
 
 
-def test_concurrent_parents_children_and_cancels_audited(url, engine):
+def test_concurrent_parents_children_and_cancels_audited(lesson, url, engine):
+    current_task = lesson.task_context.current_task
     parents, per_parent = 12, 4
 
     @engine.task("work")
@@ -671,7 +691,7 @@ def test_concurrent_parents_children_and_cancels_audited(url, engine):
         return sum(ctx.wait_all([ctx.spawn("work", n * 10 + i) for i in range(per_parent)]))
 
     ids = [engine.enqueue("parent", n) for n in range(parents)]
-    workers = [worker(engine, f"w{i}", slots=3, lease=5) for i in range(3)]
+    workers = [worker(lesson, engine, f"w{i}", slots=3, lease=5) for i in range(3)]
     with running(*workers):
         for n, task_id in enumerate(ids):
             if n % 3 == 0:  # cancel a third of them, as soon as they have children
@@ -685,36 +705,48 @@ def test_concurrent_parents_children_and_cancels_audited(url, engine):
         children = engine.children(task.id)
         assert spawn_events(url, task.id) == [c.id for c in children]
         if n % 3 == 0:
-            assert task.status == TaskStatus.CANCELLED
+            assert task.status == "cancelled"
             assert set(statuses(children)) <= {"completed", "cancelled"}
         else:
-            assert (task.status, len(children)) == (TaskStatus.COMPLETED, per_parent)
+            assert (task.status, len(children)) == ("completed", per_parent)
             assert task.output == sum(n * 10 + i for i in range(per_parent))
     with psycopg.connect(url) as conn:
-        most = L.db_queries.Querier(conn).most_running_per_worker()
+        most = lesson.db_queries.Querier(conn).most_running_per_worker()
     assert all(row.most_at_once <= 3 for row in most)
 
 
-# --- inspection --------------------------------------------------------------------------------
+# --- lesson 07's own scripts: inspect_task.py and main.py -------------------------------------
+# Single-lesson: what they print is lesson 07's story; a later lesson's scripts tell its own.
 
 
-def test_describe_prints_the_timeline_with_children(engine):
-    @engine.task("lookup", max_attempts=2, backoff=0.01)
-    def lookup(word):
-        if word == "flaky" and current_task().attempt == 1:
-            raise ConnectionError("dictionary offline")
-        return len(word)
+def lesson_07_with_inspect_task():
+    """Lesson 07's engine and inspect_task.py, from one import, so that their classes match."""
+    return import_lesson(LESSON, "engine", "worker", "task_context", "inspect_task")
 
-    @engine.durable_task("count")
-    def count(words):
-        ctx = current_task()
-        words = ctx.step("split", str.split, words)
-        return sum(ctx.wait_all([ctx.spawn("lookup", word) for word in words]))
 
-    task_id = engine.enqueue("count", "durable flaky")
-    with running(worker(engine, slots=1)):
-        engine.wait(task_id, timeout=30)
-    text = re.sub(r"\+\d+\.\d{3}s", "+T", L.inspect_task.describe(engine, task_id))
+def test_describe_prints_the_timeline_with_children(lesson_db):
+    lesson = lesson_07_with_inspect_task()
+    current_task = lesson.task_context.current_task
+    with lesson.engine.Engine(lesson_db(LESSON)) as engine:
+
+        @engine.task("lookup", max_attempts=2, backoff=0.01)
+        def lookup(word):
+            if word == "flaky" and current_task().attempt == 1:
+                raise ConnectionError("dictionary offline")
+            return len(word)
+
+        @engine.durable_task("count")
+        def count(words):
+            ctx = current_task()
+            words = ctx.step("split", str.split, words)
+            return sum(ctx.wait_all([ctx.spawn("lookup", word) for word in words]))
+
+        task_id = engine.enqueue("count", "durable flaky")
+        with running(worker(lesson, engine, slots=1)):
+            engine.wait(task_id, timeout=30)
+        describe = lesson.inspect_task.describe
+        text = re.sub(r"\+\d+\.\d{3}s", "+T", describe(engine, task_id))
+        child = describe(engine, task_id + 2).splitlines()
     assert text.splitlines() == [
         f"task {task_id} count (durable task): completed on attempt 2 by w: 12",
         '  input: "durable flaky"',
@@ -732,7 +764,6 @@ def test_describe_prints_the_timeline_with_children(engine):
         f"    task {task_id + 2} lookup: completed on attempt 2 by w"
         " (after attempt 1 on w: ConnectionError: dictionary offline)",
     ]
-    child = L.inspect_task.describe(engine, task_id + 2).splitlines()
     assert child[:3] == [
         f"task {task_id + 2} lookup (task): completed on attempt 2 by w: 5",
         f"  child of task {task_id}",
@@ -740,8 +771,8 @@ def test_describe_prints_the_timeline_with_children(engine):
     ]
 
 
-def test_inspect_task_cli_reports_a_missing_task(url, pg_server_url):
-    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+def test_inspect_task_cli_reports_a_missing_task(lesson_db, pg_server_url):
+    dbname = conninfo.conninfo_to_dict(lesson_db(LESSON))["dbname"]
     result = subprocess.run(
         [sys.executable, str(lesson_dir(LESSON) / "inspect_task.py"), "999"],
         env=lesson_env(pg_server_url, dbname),
@@ -752,7 +783,12 @@ def test_inspect_task_cli_reports_a_missing_task(url, pg_server_url):
     assert (result.returncode, result.stderr.strip()) == (1, "error: no task with id 999")
 
 
-# --- main.py, as a reader runs it --------------------------------------------------------------
+def side_effects(url: str) -> dict[int, Counter[str]]:
+    """What the demo's model and tools did, per task, as they wrote it in their table."""
+    effects: dict[int, Counter[str]] = {}
+    for task_id, step in sql(url, "SELECT task_id, step FROM effects"):
+        effects.setdefault(task_id, Counter())[step] += 1
+    return effects
 
 
 def test_main_kill_resume_retry_replay_cancel_and_rerun(pg_server_url):
@@ -784,6 +820,26 @@ def test_main_kill_resume_retry_replay_cancel_and_rerun(pg_server_url):
                 "from the database: 0 scheduled, 0 queued, 0 running, 0 suspended, 9 completed,"
                 " 0 failed, 2 cancelled"
             )
+            # What the demo says happened, checked against what did: the tasks it made, and
+            # the side effects its model and tools wrote themselves (the effects table), which
+            # no log can fake: each history planned once (the resumed, retried and replayed
+            # attempts replayed the plan from the log), the model was down once, each child's
+            # tool ran once, and the cancelled one's (task 11's) never.
+            url = postgres.database_url(pg_server_url, dbname)
+            tools = ["weather", "find_parks", "read_reviews"]
+            assert sql(url, "SELECT id, name, parent_id FROM tasks ORDER BY id") == [
+                (1, "research", None),
+                *((id, name, 1) for id, name in zip(range(2, 8), tools * 2, strict=True)),
+                (8, "research", None),
+                *((id, name, 8) for id, name in zip(range(9, 12), tools, strict=True)),
+            ]
+            assert side_effects(url) == {
+                1: {"plan": 2, "model down": 1, "summarise": 2},
+                **{id: {name: 1} for id, name in zip(range(2, 8), tools * 2, strict=True)},
+                8: {"plan": 1},
+                9: {"weather": 1},
+                10: {"find_parks": 1},
+            }
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

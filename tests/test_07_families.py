@@ -4,8 +4,12 @@
   NonDeterminismError too, is cancelled, or its lease runs out on its last attempt);
 - a child is operated through its parent: retrying or replaying it alone is refused;
 - retrying a cancelled parent runs again the children that were cancelled with it;
+- a child that fails for good wakes its waiting parent: when it times out on its last try,
+  and when its lease runs out on its last try (its worker died);
 - retention never deletes what an operator action requeues, whichever goes first (the races
-  are set up deterministically: a lock held, pg_stat_activity watched, then released);
+  are set up deterministically: a lock held, pg_stat_activity watched, then released), nor a
+  family before all of it has finished: not a finished parent whose children run or wait,
+  nor a finished child on its own;
 - a child's input is part of its spawn's identity;
 - a connection that breaks just after a commit (a spawn, the children's outcomes, a
   suspension) is retried without spawning, recording or suspending twice.
@@ -167,6 +171,78 @@ def test_a_parent_whose_lease_runs_out_on_its_last_attempt_cancels_its_children(
         wait_until(lambda: statuses(engine.children(task_id)) == ["cancelled"], timeout=30)
 
 
+# --- a child that fails for good wakes its waiting parent, however it fails --------------------
+
+
+def register_waiting_parent(lesson, engine, before_the_wait=None) -> None:
+    """A parent that spawns a child, waits for it, and says how the child failed, if it did.
+    `before_the_wait(child_id)`, if given, runs as a step between the spawn and the wait."""
+    current_task = lesson.task_context.current_task
+
+    @engine.durable_task("parent", max_attempts=1)
+    def parent(input):
+        ctx = current_task()
+        child = ctx.spawn("child")
+        if before_the_wait is not None:
+            ctx.step("before the wait", before_the_wait, child.task_id)
+        try:
+            return ctx.wait(child)
+        except lesson.durable.ChildTaskError as err:
+            return f"gave up: {err.error}"
+
+
+def test_a_child_that_times_out_on_its_last_try_wakes_its_parent(lesson, engine):
+    hung = threading.Event()
+
+    @engine.task("child", max_attempts=1, timeout=0.3)
+    def child(input):
+        hung.wait(60)  # a hung call: it never checks its context, and returns only at teardown
+        return "too late"
+
+    register_waiting_parent(lesson, engine)
+    task_id = engine.enqueue("parent")
+    # Worker A has ONE slot: the parent suspends before the child can run; then the hung child
+    # keeps that slot, its attempt failed by A's timeout, and the woken parent resumes on B.
+    with running(worker(lesson, engine, "A", slots=1)):
+        try:
+            wait_until(lambda: statuses(engine.attempts(task_id))[:1] == ["suspended"], timeout=30)
+            with running(worker(lesson, engine, "B", slots=1)):
+                task = engine.wait(task_id, timeout=30)
+        finally:
+            hung.set()  # only now: a child that returned late would wake its parent too
+    timed_out = "TaskTimeout: attempt exceeded its timeout of 0.3s"
+    assert (task.status, task.output) == ("completed", f"gave up: {timed_out}")
+    assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
+    (child_task,) = engine.children(task_id)
+    assert (child_task.status, child_task.error, child_task.attempts) == ("failed", timed_out, 1)
+
+
+def test_a_child_whose_lease_runs_out_on_its_last_try_wakes_its_parent(lesson, engine):
+    engine.task("child", max_attempts=1)(lambda input: "never runs")
+
+    def claimed(child: int) -> None:
+        wait_until(lambda: engine.get(child).status != "queued", timeout=30)
+
+    register_waiting_parent(lesson, engine, before_the_wait=claimed)
+    task_id = engine.enqueue("parent")
+    # ONE slot: while the parent runs, its worker neither claims the child nor reclaims it
+    # (the reclaim is part of the claim). So the child's lease runs out, and is reclaimed,
+    # after the parent has suspended, however slow this machine is.
+    with running(worker(lesson, engine, slots=1)):
+        wait_until(lambda: engine.children(task_id), timeout=30)
+        # A worker that claims the child with a short lease and dies: no heartbeat, no outcome.
+        dead = worker(lesson, engine, "dead", lease=0.2)
+        with dead.connect() as conn:
+            assert [t.name for t in dead.claim(conn, 1)] == ["child"]
+        task = engine.wait(task_id, timeout=30)
+    expired = "lease expired (worker presumed dead)"
+    assert (task.status, task.output) == ("completed", f"gave up: {expired}")
+    assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
+    (child_task,) = engine.children(task_id)
+    assert (child_task.status, child_task.error) == ("failed", expired)
+    assert [(a.worker, a.status) for a in engine.attempts(child_task.id)] == [("dead", "failed")]
+
+
 # --- operator actions on families ---------------------------------------------------------------
 
 
@@ -322,6 +398,75 @@ def test_a_requeue_after_retention_deleted_the_family_says_so(lesson, engine, ur
     assert isinstance(retry.get("error"), lesson.engine.TaskNotFoundError), retry
     assert engine.get(parent) is None and engine.get(child) is None
     assert sql(url, "SELECT count(*) FROM operator_actions") == [(0,)]
+
+
+def stalling_worker(lesson, engine, stalled: threading.Event, **options):
+    """A worker whose heartbeats stop once `stalled` is set, as if its process had frozen: the
+    leases of the tasks it runs run out, and another worker's claim reclaims them."""
+
+    class StallingWorker(lesson.worker.Worker):
+        def _heartbeat(self, conn, contexts):
+            if not stalled.is_set():
+                super()._heartbeat(conn, contexts)
+
+    options.setdefault("poll_interval", 0.02)
+    return StallingWorker(engine, "stalling", **options)
+
+
+def test_retention_keeps_a_family_until_all_of_it_has_finished(lesson, engine, url, monkeypatch):
+    """A parent that failed for good while its children still run or wait: the moment between
+    the reclaim that fails it (its lease ran out on its last attempt) and the close policy's
+    cancel of its children, which comes in a transaction of its own (a worker that dies in
+    between leaves the family so). Retention, run in that moment, deletes neither the parent
+    (its children are not done) nor its finished child (a child goes with its parent only)."""
+    current_task = lesson.task_context.current_task
+    stalled, hung = threading.Event(), threading.Event()
+    engine.task("quick")(lambda input: "quick")
+    engine.task("blocker")(lambda input: None)  # never runs: claimed by a worker that stops
+
+    @engine.durable_task("parent", max_attempts=1)
+    def parent(input):
+        ctx = current_task()
+        ctx.wait(ctx.spawn("quick"))
+        ctx.spawn("blocker")
+        ctx.spawn("blocker")
+        stalled.set()  # its worker freezes here: no more heartbeats
+        hung.wait(60)
+
+    def family() -> list[str]:
+        return [status for (status,) in sql(url, "SELECT status FROM tasks ORDER BY id")]
+
+    retention = {}
+    close_children = lesson.db_queries.Querier.close_children
+
+    def retention_first(self, *, ids):
+        retention["deleted"] = engine.cleanup(older_than=0)
+        retention["family"] = family()
+        return close_children(self, ids=ids)
+
+    task_id = engine.enqueue("parent")
+    # ONE slot, held by the frozen parent: that worker claims (and reclaims) nothing more.
+    with running(stalling_worker(lesson, engine, stalled, slots=1, lease=1)):
+        try:
+            wait_until(stalled.is_set, timeout=30)
+            lease_ran_out = "SELECT lease_expires_at < now() FROM tasks WHERE id = %s"
+            wait_until(lambda: sql(url, lease_ran_out, task_id) == [(True,)], timeout=30)
+            # The rescuer's claim fails the parent for good, claims the first blocker, and
+            # then closes the family: retention runs just before that.
+            rescuer = worker(lesson, engine, "rescuer")
+            with monkeypatch.context() as patch, rescuer.connect() as conn:
+                patch.setattr(lesson.db_queries.Querier, "close_children", retention_first)
+                assert [t.name for t in rescuer.claim(conn, 1)] == ["blocker"]
+        finally:
+            hung.set()
+    assert retention == {
+        "deleted": 0,
+        "family": ["failed", "completed", "running", "queued"],
+    }
+    assert family() == ["failed", "completed", "cancelled", "cancelled"]
+    assert engine.cleanup(older_than=3600) == 0  # all finished, none an hour ago
+    assert engine.cleanup(older_than=0) == 1  # the parent, and its children with it
+    assert family() == []
 
 
 # --- a child's input is part of its spawn's identity --------------------------------------------
