@@ -94,7 +94,10 @@ WHERE id IN (
 
 RECLAIM_EXPIRED_LEASES = """-- name: ReclaimExpiredLeases :many
 WITH expired AS (
-    SELECT id
+    -- The retry rule, decided once for the UPDATE below, and the same as FailAttempt's: an
+    -- expired lease is a failed attempt, so a task that kills its worker every time stops
+    -- after max_attempts.
+    SELECT id, attempts < max_attempts AS retry
     FROM tasks
     WHERE status = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
@@ -104,16 +107,12 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ),
 task AS (
-    -- The same retry rule as FailAttempt below: an expired lease is a failed attempt, so a
-    -- task that kills its worker every time stops after max_attempts.
     UPDATE tasks AS t
-    SET status = CASE WHEN t.attempts < t.max_attempts
-            THEN 'scheduled' ELSE 'failed' END::task_status,
-        run_at = CASE WHEN t.attempts < t.max_attempts
+    SET status = CASE WHEN expired.retry THEN 'scheduled' ELSE 'failed' END::task_status,
+        run_at = CASE WHEN expired.retry
             THEN now() + retry_delay(t.attempts, t.backoff_base, t.backoff_cap) ELSE t.run_at END,
-        error = CASE WHEN t.attempts < t.max_attempts
-            THEN NULL ELSE 'lease expired (worker presumed dead)' END,
-        finished_at = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE now() END,
+        error = CASE WHEN expired.retry THEN NULL ELSE 'lease expired (worker presumed dead)' END,
+        finished_at = CASE WHEN expired.retry THEN NULL ELSE now() END,
         lease_expires_at = NULL
     FROM expired
     WHERE t.id = expired.id
@@ -286,23 +285,28 @@ FROM task
 
 
 FAIL_ATTEMPT = """-- name: FailAttempt :one
-WITH task AS (
-    UPDATE tasks
-    SET status = CASE WHEN $1::boolean AND attempts < max_attempts
-            THEN 'scheduled' ELSE 'failed' END::task_status,
-        run_at = CASE WHEN $1::boolean AND attempts < max_attempts
-            THEN now() + retry_delay(attempts, backoff_base, backoff_cap) ELSE run_at END,
-        error = CASE WHEN $1::boolean AND attempts < max_attempts
-            THEN NULL ELSE $2::text END,
-        finished_at = CASE WHEN $1::boolean AND attempts < max_attempts
-            THEN NULL ELSE now() END,
+WITH failing AS (
+    -- The retry rule, decided once for the UPDATE below (ReclaimExpiredLeases has the same).
+    SELECT id, $1::boolean AND attempts < max_attempts AS retry
+    FROM tasks
+    WHERE tasks.id = $2 AND tasks.attempts = $3 AND status = 'running'
+    FOR NO KEY UPDATE
+),
+task AS (
+    UPDATE tasks AS t
+    SET status = CASE WHEN failing.retry THEN 'scheduled' ELSE 'failed' END::task_status,
+        run_at = CASE WHEN failing.retry
+            THEN now() + retry_delay(t.attempts, t.backoff_base, t.backoff_cap) ELSE t.run_at END,
+        error = CASE WHEN failing.retry THEN NULL ELSE $4::text END,
+        finished_at = CASE WHEN failing.retry THEN NULL ELSE now() END,
         lease_expires_at = NULL
-    WHERE id = $3 AND attempts = $4 AND status = 'running'
-    RETURNING id, attempts, status, run_at
+    FROM failing
+    WHERE t.id = failing.id
+    RETURNING t.id, t.attempts, t.status, t.run_at
 ),
 attempt AS (
     UPDATE task_attempts AS a
-    SET status = 'failed', error = $2::text, finished_at = now()
+    SET status = 'failed', error = $4::text, finished_at = now()
     FROM task
     WHERE a.task_id = task.id AND a.attempt = task.attempts
 )
@@ -791,9 +795,9 @@ class Querier:
         self,
         *,
         retryable: bool,
-        error: str,
         id: int,
         attempt: int,
+        error: str,
     ) -> FailAttemptRow | None:
         """Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
 
@@ -801,7 +805,7 @@ class Querier:
         raised NonRetryableError, an error that no retry will cure.
         """
         with self._cursor() as cur:
-            cur.execute(FAIL_ATTEMPT, [retryable, error, id, attempt])
+            cur.execute(FAIL_ATTEMPT, [retryable, id, attempt, error])
             row = cur.fetchone()
         if row is None:
             return None

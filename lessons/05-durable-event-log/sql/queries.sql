@@ -89,7 +89,10 @@ WHERE id IN (
 -- name: ReclaimExpiredLeases :many
 -- Fail the current attempt of a few tasks whose lease ran out (their worker is presumed dead).
 WITH expired AS (
-    SELECT id
+    -- The retry rule, decided once for the UPDATE below, and the same as FailAttempt's: an
+    -- expired lease is a failed attempt, so a task that kills its worker every time stops
+    -- after max_attempts.
+    SELECT id, attempts < max_attempts AS retry
     FROM tasks
     WHERE status = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
@@ -99,16 +102,12 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ),
 task AS (
-    -- The same retry rule as FailAttempt below: an expired lease is a failed attempt, so a
-    -- task that kills its worker every time stops after max_attempts.
     UPDATE tasks AS t
-    SET status = CASE WHEN t.attempts < t.max_attempts
-            THEN 'scheduled' ELSE 'failed' END::task_status,
-        run_at = CASE WHEN t.attempts < t.max_attempts
+    SET status = CASE WHEN expired.retry THEN 'scheduled' ELSE 'failed' END::task_status,
+        run_at = CASE WHEN expired.retry
             THEN now() + retry_delay(t.attempts, t.backoff_base, t.backoff_cap) ELSE t.run_at END,
-        error = CASE WHEN t.attempts < t.max_attempts
-            THEN NULL ELSE 'lease expired (worker presumed dead)' END,
-        finished_at = CASE WHEN t.attempts < t.max_attempts THEN NULL ELSE now() END,
+        error = CASE WHEN expired.retry THEN NULL ELSE 'lease expired (worker presumed dead)' END,
+        finished_at = CASE WHEN expired.retry THEN NULL ELSE now() END,
         lease_expires_at = NULL
     FROM expired
     WHERE t.id = expired.id
@@ -288,19 +287,24 @@ FROM task;
 -- Record why the attempt this worker owns failed: retry after a backoff, or fail the task.
 -- `retryable` false fails the task for good, whatever attempts it has left: the function
 -- raised NonRetryableError, an error that no retry will cure.
-WITH task AS (
-    UPDATE tasks
-    SET status = CASE WHEN sqlc.arg(retryable)::boolean AND attempts < max_attempts
-            THEN 'scheduled' ELSE 'failed' END::task_status,
-        run_at = CASE WHEN sqlc.arg(retryable)::boolean AND attempts < max_attempts
-            THEN now() + retry_delay(attempts, backoff_base, backoff_cap) ELSE run_at END,
-        error = CASE WHEN sqlc.arg(retryable)::boolean AND attempts < max_attempts
-            THEN NULL ELSE sqlc.arg(error)::text END,
-        finished_at = CASE WHEN sqlc.arg(retryable)::boolean AND attempts < max_attempts
-            THEN NULL ELSE now() END,
+WITH failing AS (
+    -- The retry rule, decided once for the UPDATE below (ReclaimExpiredLeases has the same).
+    SELECT id, sqlc.arg(retryable)::boolean AND attempts < max_attempts AS retry
+    FROM tasks
+    WHERE tasks.id = sqlc.arg(id) AND tasks.attempts = sqlc.arg(attempt) AND status = 'running'
+    FOR NO KEY UPDATE
+),
+task AS (
+    UPDATE tasks AS t
+    SET status = CASE WHEN failing.retry THEN 'scheduled' ELSE 'failed' END::task_status,
+        run_at = CASE WHEN failing.retry
+            THEN now() + retry_delay(t.attempts, t.backoff_base, t.backoff_cap) ELSE t.run_at END,
+        error = CASE WHEN failing.retry THEN NULL ELSE sqlc.arg(error)::text END,
+        finished_at = CASE WHEN failing.retry THEN NULL ELSE now() END,
         lease_expires_at = NULL
-    WHERE id = sqlc.arg(id) AND attempts = sqlc.arg(attempt) AND status = 'running'
-    RETURNING id, attempts, status, run_at
+    FROM failing
+    WHERE t.id = failing.id
+    RETURNING t.id, t.attempts, t.status, t.run_at
 ),
 attempt AS (
     UPDATE task_attempts AS a
