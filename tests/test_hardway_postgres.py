@@ -159,3 +159,17 @@ def test_owned_server_is_stopped_and_deleted_when_the_block_fails():
             raise RuntimeError("a test failing")
     assert not directory.exists()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_url_of_a_lesson_database_leaves_it_as_it_is(pg_server_url, lesson_db, monkeypatch, capsys):
+    url = lesson_db("02-simple-task-queue")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept (n int)")
+        conn.execute("INSERT INTO kept VALUES (42)")
+    monkeypatch.setenv("DATABASE_URL", pg_server_url)
+
+    assert postgres.main(["url", conninfo.conninfo_to_dict(url)["dbname"]]) == 0
+
+    printed = capsys.readouterr().out.strip()
+    with psycopg.connect(printed) as conn:
+        assert conn.execute("SELECT n FROM kept").fetchall() == [(42,)]

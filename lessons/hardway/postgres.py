@@ -238,11 +238,14 @@ def _stop_embedded() -> None:
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "status"
     if command == "url":
+        # `url lesson_02`: the URL of an existing database, to open it in psql or a script
+        # without lesson_database() dropping it first.
         try:
-            print(server_url())
+            url = server_url()
         except DatabaseUnavailable as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        print(database_url(url, argv[1]) if len(argv) > 1 else url)
     elif command == "status":
         pid, url = _embedded_status()
         if pid is None:
@@ -264,7 +267,7 @@ def main(argv: list[str]) -> int:
         os.execv(psql, [psql, url, *argv[2:]])
     else:
         print(
-            "usage: python -m hardway.postgres [status | stop | url | psql [DBNAME]]",
+            "usage: python -m hardway.postgres [status | stop | url [DBNAME] | psql [DBNAME]]",
             file=sys.stderr,
         )
         return 2
