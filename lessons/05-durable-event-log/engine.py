@@ -67,7 +67,8 @@ CONNECTION_OPTIONS: dict[str, Any] = {
     # Plan every statement for the tables as they are now. psycopg prepares a statement it has
     # run five times, and PostgreSQL may then keep one "generic" plan for it, chosen for the
     # tables as they were at that moment: a plan made while task_attempts held fifty rows reads
-    # all of it to update one, and goes on doing so at a million (README: "Stale plans").
+    # all of it to update one, and goes on doing so at a million (see "Stale plans" in
+    # docs/performance.md).
     "options": "-c plan_cache_mode=force_custom_plan",
 }
 

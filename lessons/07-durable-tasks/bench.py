@@ -14,7 +14,7 @@ the machine (CPU, cores, PostgreSQL version) and a table:
   --tasks bench`) with S slots each; a claim takes up to S tasks. Measured on the database
   clock, from the first claim to the last completion; the median of three rounds;
 - the same, 1 worker x 10 slots, with 5,000 and with 40,000 tasks: the tables grow during each
-  round, and the rate must not fall with their size (README: "Stale plans");
+  round, and the rate must not fall with their size ("Stale plans", docs/performance.md);
 - pickup latency: how long a task waits between its INSERT and its claim by an idle worker
   that polls every P seconds (created_at to started_at, both from the database clock);
 - durable steps: a function of ten no-op steps, one at a time in one worker. On its first
