@@ -247,11 +247,11 @@ def main(argv: list[str]) -> int:
             return 1
         print(database_url(url, argv[1]) if len(argv) > 1 else url)
     elif command == "status":
-        pid, url = _embedded_status()
+        pid, embedded_url = _embedded_status()
         if pid is None:
             print(f"embedded PostgreSQL in {EMBEDDED_DATA_DIR} is not running")
         else:
-            print(f"embedded PostgreSQL running, pid {pid}: {_psql()} '{url}'")
+            print(f"embedded PostgreSQL running, pid {pid}: {_psql()} '{embedded_url}'")
     elif command == "stop":
         _stop_embedded()
     elif command == "psql":
