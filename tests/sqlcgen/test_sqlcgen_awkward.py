@@ -26,6 +26,7 @@ CREATE TABLE other.things (id int PRIMARY KEY, c other.color);
 CREATE TABLE categories (id int PRIMARY KEY);
 CREATE TABLE boxes (id int PRIMARY KEY);
 CREATE TABLE analysis (id int PRIMARY KEY);
+CREATE TABLE "1sts" ("1st" int PRIMARY KEY, label text);
 CREATE TABLE workflow_runs (
     id bigserial PRIMARY KEY,
     "from" text,
@@ -57,6 +58,9 @@ SELECT workflow_run_lifecycle_status_value FROM workflow_runs;
 -- name: ListWorkflowRunLifecycleStatusValuesForTheDashboardPageAgainAndAgain :many
 SELECT workflow_run_lifecycle_status_value FROM workflow_runs;
 
+-- name: ListWorkflowRunLifecycleStatusValuesWithIdentifiersForTheDashboard :many
+SELECT id, workflow_run_lifecycle_status_value FROM workflow_runs;
+
 -- name: ListRows :many
 -- A "docstring" with \\backslash and \"\"\"triple\"\"\" quotes	and a tab.
 --
@@ -75,6 +79,9 @@ WHERE id = @row AND "from" = @cur;
 
 -- name: Other :many
 SELECT * FROM other.things WHERE c = $1;
+
+-- name: First :one
+SELECT * FROM "1sts" WHERE "1st" = $1;
 
 -- name: class :one
 SELECT id, id FROM workflow_runs WHERE id > $1 AND id < $2;
@@ -154,7 +161,7 @@ def test_names(db: types.SimpleNamespace) -> None:
         ("BACK_SLASH", "back\\slash"),
     ]
     assert models.OtherColor.RED == "red"
-    for name in ("Category", "Box", "Analysis", "WorkflowRun", "OtherThing"):
+    for name in ("Category", "Box", "Analysis", "WorkflowRun", "OtherThing", "_1st"):
         assert hasattr(models, name)
     fields = list(models.WorkflowRun.__dataclass_fields__)
     assert fields[:5] == ["id", "from_", "class_", "camel_case", "self"]
@@ -169,6 +176,10 @@ def test_names(db: types.SimpleNamespace) -> None:
         "row_",
         "cur_",
     )
+    # Class `_1st` and a parameter `_1st`: the function making rows `_1st`s has another name.
+    code = querier.first.__code__
+    assert code.co_varnames[1 : code.co_kwonlyargcount + 1] == ("_1st",)
+    assert "_row_1st" in code.co_names
 
 
 def test_one_module_per_queries_file(tmp_path: Path) -> None:

@@ -116,11 +116,41 @@ def test_queries_shape(generated: dict[str, str]) -> None:
     ) in queries
     assert "None if result is None else Jsonb(result)" in queries
     assert "    def list_task_names(self) -> list[str]:\n" in queries
+    # sqlc reports count(*) NOT NULL, so it is an int; a :one adds None for "no row" to any type.
+    assert (
+        "class CountTasksByStatusRow:\n    status: models.TaskStatus\n    tasks: int\n" in queries
+    )
     assert "    def count_tasks(self) -> int | None:\n" in queries
     assert "    def delete_task(self, *, id: int) -> None:\n" in queries
     assert "    def get_task_status(self, *, id: int) -> models.TaskStatus | None:\n" in queries
     assert "-> list[models.TaskStatus | None]:\n" in queries
     assert "dollar_1: int," in queries  # an unnamed $1
+
+
+def test_one_converter_per_class(generated: dict[str, str]) -> None:
+    """Rows become a dataclass in one function per class, which every query returning it calls."""
+    queries = generated["queries.py"]
+    assert (
+        "def _task(row: TupleRow) -> models.Task:\n"
+        "    return models.Task(\n"
+        "        id=row[0],\n"
+        "        name=row[1],\n"
+        "        status=models.TaskStatus(row[2]),\n"
+    ) in queries
+    assert queries.count("models.Task(") == 1
+    # create_task and get_task (:one), list_tasks_by_status (:many).
+    assert queries.count("        return _task(row)\n") == 2
+    assert queries.count("        return [_task(row) for row in rows]\n") == 1
+    assert "def _claim_task_row(row: TupleRow) -> ClaimTaskRow:\n" in queries
+    assert "        return _claim_task_row(row)\n" in queries
+    # An enum from an outer join may be NULL.
+    assert "        task_status=None if row[3] is None else models.TaskStatus(row[3]),\n" in queries
+    # The converters come after the Row classes they build, just before the Querier.
+    assert (
+        queries.index("class EchoRow:")
+        < queries.index("def _task(")
+        < queries.index("class Querier:")
+    )
 
 
 def test_generated_code_is_formatted_and_lint_clean(workdir: Path) -> None:
@@ -182,6 +212,10 @@ def test_tasks(db: types.SimpleNamespace, conn: psycopg.Connection) -> None:
     assert q.list_tasks_by_status(statuses=[]) == []
     assert q.list_task_names() == ["send", "other"]
     assert q.count_tasks() == 2
+    assert q.count_tasks_by_status() == [
+        db.queries.CountTasksByStatusRow(status=models.TaskStatus.QUEUED, tasks=1),
+        db.queries.CountTasksByStatusRow(status=models.TaskStatus.NEEDS_REVIEW, tasks=1),
+    ]
     status = q.get_task_status(id=task.id)
     assert status is models.TaskStatus.NEEDS_REVIEW and isinstance(status, models.TaskStatus)
     assert q.get_task_status(id=-1) is None

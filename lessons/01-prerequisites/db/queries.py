@@ -43,6 +43,23 @@ WHERE $1::text = ANY (tags)
 """
 
 
+def _note(row: TupleRow) -> models.Note:
+    return models.Note(
+        id=row[0],
+        body=row[1],
+        tags=row[2],
+        created_at=row[3],
+    )
+
+
+def _notes_tagged_row(row: TupleRow) -> NotesTaggedRow:
+    return NotesTaggedRow(
+        id=row[0],
+        body=row[1],
+        created_at=row[2],
+    )
+
+
 class Querier:
     """Runs the queries of queries.sql on a psycopg connection."""
 
@@ -70,26 +87,14 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Note(
-            id=row[0],
-            body=row[1],
-            tags=row[2],
-            created_at=row[3],
-        )
+        return _note(row)
 
     def notes_tagged(self, *, tag: str) -> list[NotesTaggedRow]:
         """Every note carrying a tag, oldest first."""
         with self._cursor() as cur:
             cur.execute(NOTES_TAGGED, [tag])
             rows = cur.fetchall()
-        return [
-            NotesTaggedRow(
-                id=row[0],
-                body=row[1],
-                created_at=row[2],
-            )
-            for row in rows
-        ]
+        return [_notes_tagged_row(row) for row in rows]
 
     def delete_notes_tagged(self, *, tag: str) -> int:
         """Delete every note carrying a tag; returns how many went."""

@@ -1,4 +1,4 @@
--- Lesson 01: one tiny table, just enough to see the whole loop
+-- One tiny table, just enough to see the whole loop
 -- schema.sql -> sqlc -> typed Python -> PostgreSQL.
 CREATE TABLE notes (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

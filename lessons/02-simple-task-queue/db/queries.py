@@ -77,6 +77,28 @@ class CountTasksByStatusRow:
     tasks: int
 
 
+def _task(row: TupleRow) -> models.Task:
+    return models.Task(
+        id=row[0],
+        name=row[1],
+        input=row[2],
+        status=models.TaskStatus(row[3]),
+        output=row[4],
+        error=row[5],
+        worker=row[6],
+        created_at=row[7],
+        started_at=row[8],
+        finished_at=row[9],
+    )
+
+
+def _count_tasks_by_status_row(row: TupleRow) -> CountTasksByStatusRow:
+    return CountTasksByStatusRow(
+        status=models.TaskStatus(row[0]),
+        tasks=row[1],
+    )
+
+
 class Querier:
     """Runs the queries of queries.sql on a psycopg connection."""
 
@@ -104,18 +126,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            status=models.TaskStatus(row[3]),
-            output=row[4],
-            error=row[5],
-            worker=row[6],
-            created_at=row[7],
-            started_at=row[8],
-            finished_at=row[9],
-        )
+        return _task(row)
 
     def complete_task(self, *, output: Any, id: int) -> int:
         """Record a running task's return value; 0 rows means it was not running and nothing changed."""
@@ -136,49 +147,18 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            status=models.TaskStatus(row[3]),
-            output=row[4],
-            error=row[5],
-            worker=row[6],
-            created_at=row[7],
-            started_at=row[8],
-            finished_at=row[9],
-        )
+        return _task(row)
 
     def list_tasks(self) -> list[models.Task]:
         """Every task, oldest first (fine for a demo; a real dashboard would page through them)."""
         with self._cursor() as cur:
             cur.execute(LIST_TASKS)
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                status=models.TaskStatus(row[3]),
-                output=row[4],
-                error=row[5],
-                worker=row[6],
-                created_at=row[7],
-                started_at=row[8],
-                finished_at=row[9],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def count_tasks_by_status(self) -> list[CountTasksByStatusRow]:
         """How many tasks are in each status; a status no task is in does not appear."""
         with self._cursor() as cur:
             cur.execute(COUNT_TASKS_BY_STATUS)
             rows = cur.fetchall()
-        return [
-            CountTasksByStatusRow(
-                status=models.TaskStatus(row[0]),
-                tasks=row[1],
-            )
-            for row in rows
-        ]
+        return [_count_tasks_by_status_row(row) for row in rows]

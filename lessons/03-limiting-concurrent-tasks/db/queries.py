@@ -218,6 +218,43 @@ class MostRunningPerWorkerRow:
     most_at_once: int
 
 
+def _task(row: TupleRow) -> models.Task:
+    return models.Task(
+        id=row[0],
+        name=row[1],
+        input=row[2],
+        concurrency_key=row[3],
+        status=models.TaskStatus(row[4]),
+        output=row[5],
+        error=row[6],
+        worker=row[7],
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+    )
+
+
+def _count_tasks_by_status_row(row: TupleRow) -> CountTasksByStatusRow:
+    return CountTasksByStatusRow(
+        status=models.TaskStatus(row[0]),
+        tasks=row[1],
+    )
+
+
+def _most_running_per_key_row(row: TupleRow) -> MostRunningPerKeyRow:
+    return MostRunningPerKeyRow(
+        concurrency_key=row[0],
+        most_at_once=row[1],
+    )
+
+
+def _most_running_per_worker_row(row: TupleRow) -> MostRunningPerWorkerRow:
+    return MostRunningPerWorkerRow(
+        worker=row[0],
+        most_at_once=row[1],
+    )
+
+
 class Querier:
     """Runs the queries of queries.sql on a psycopg connection."""
 
@@ -280,22 +317,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_KEY_TASKS, [worker, key, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def claim_unkeyed_tasks(
         self,
@@ -308,22 +330,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_UNKEYED_TASKS, [worker, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def queued_task_exists(self, *, task_names: list[str]) -> bool | None:
         """Whether a task this worker could run is queued, claimable right now or not."""
@@ -353,77 +360,32 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            concurrency_key=row[3],
-            status=models.TaskStatus(row[4]),
-            output=row[5],
-            error=row[6],
-            worker=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            finished_at=row[10],
-        )
+        return _task(row)
 
     def list_tasks(self) -> list[models.Task]:
         """Every task, oldest first (fine for a demo; a real dashboard would page through them)."""
         with self._cursor() as cur:
             cur.execute(LIST_TASKS)
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def count_tasks_by_status(self) -> list[CountTasksByStatusRow]:
         """How many tasks are in each status; a status no task is in does not appear."""
         with self._cursor() as cur:
             cur.execute(COUNT_TASKS_BY_STATUS)
             rows = cur.fetchall()
-        return [
-            CountTasksByStatusRow(
-                status=models.TaskStatus(row[0]),
-                tasks=row[1],
-            )
-            for row in rows
-        ]
+        return [_count_tasks_by_status_row(row) for row in rows]
 
     def most_running_per_key(self) -> list[MostRunningPerKeyRow]:
         """The audit: per key, the most of its tasks ever running at the same moment, from the table."""
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_KEY)
             rows = cur.fetchall()
-        return [
-            MostRunningPerKeyRow(
-                concurrency_key=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_key_row(row) for row in rows]
 
     def most_running_per_worker(self) -> list[MostRunningPerWorkerRow]:
         """The same audit per worker: the most tasks one worker ever ran at once (never above its slots)."""
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_WORKER)
             rows = cur.fetchall()
-        return [
-            MostRunningPerWorkerRow(
-                worker=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_worker_row(row) for row in rows]

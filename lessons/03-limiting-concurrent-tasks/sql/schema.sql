@@ -1,4 +1,4 @@
--- Lesson 03: a task queue in one table, with per-key concurrency limits.
+-- A task queue in one table, with per-key concurrency limits.
 -- A task moves queued -> running -> completed or failed, and never back.
 CREATE TYPE task_status AS ENUM ('queued', 'running', 'completed', 'failed');
 

@@ -460,6 +460,81 @@ class MostRunningPerWorkerRow:
     most_at_once: int
 
 
+def _task(row: TupleRow) -> models.Task:
+    return models.Task(
+        id=row[0],
+        name=row[1],
+        input=row[2],
+        concurrency_key=row[3],
+        status=models.TaskStatus(row[4]),
+        output=row[5],
+        error=row[6],
+        worker=row[7],
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+        priority=row[11],
+        run_at=row[12],
+        max_attempts=row[13],
+        backoff_base=row[14],
+        backoff_cap=row[15],
+        timeout=row[16],
+        attempts=row[17],
+        lease_expires_at=row[18],
+        idempotency_key=row[19],
+    )
+
+
+def _reclaim_expired_leases_row(row: TupleRow) -> ReclaimExpiredLeasesRow:
+    return ReclaimExpiredLeasesRow(
+        id=row[0],
+        attempts=row[1],
+        status=models.TaskStatus(row[2]),
+        worker=row[3],
+    )
+
+
+def _fail_attempt_row(row: TupleRow) -> FailAttemptRow:
+    return FailAttemptRow(
+        status=models.TaskStatus(row[0]),
+        run_at=row[1],
+        retry_in=row[2],
+    )
+
+
+def _task_attempt(row: TupleRow) -> models.TaskAttempt:
+    return models.TaskAttempt(
+        task_id=row[0],
+        attempt=row[1],
+        worker=row[2],
+        status=models.AttemptStatus(row[3]),
+        error=row[4],
+        started_at=row[5],
+        finished_at=row[6],
+    )
+
+
+def _count_tasks_by_status_row(row: TupleRow) -> CountTasksByStatusRow:
+    return CountTasksByStatusRow(
+        status=models.TaskStatus(row[0]),
+        tasks=row[1],
+    )
+
+
+def _most_running_per_key_row(row: TupleRow) -> MostRunningPerKeyRow:
+    return MostRunningPerKeyRow(
+        concurrency_key=row[0],
+        most_at_once=row[1],
+    )
+
+
+def _most_running_per_worker_row(row: TupleRow) -> MostRunningPerWorkerRow:
+    return MostRunningPerWorkerRow(
+        worker=row[0],
+        most_at_once=row[1],
+    )
+
+
 class Querier:
     """Runs the queries of queries.sql on a psycopg connection."""
 
@@ -532,28 +607,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            concurrency_key=row[3],
-            status=models.TaskStatus(row[4]),
-            output=row[5],
-            error=row[6],
-            worker=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            finished_at=row[10],
-            priority=row[11],
-            run_at=row[12],
-            max_attempts=row[13],
-            backoff_base=row[14],
-            backoff_cap=row[15],
-            timeout=row[16],
-            attempts=row[17],
-            lease_expires_at=row[18],
-            idempotency_key=row[19],
-        )
+        return _task(row)
 
     def enqueue_tasks(
         self,
@@ -600,15 +654,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(RECLAIM_EXPIRED_LEASES, [max_tasks])
             rows = cur.fetchall()
-        return [
-            ReclaimExpiredLeasesRow(
-                id=row[0],
-                attempts=row[1],
-                status=models.TaskStatus(row[2]),
-                worker=row[3],
-            )
-            for row in rows
-        ]
+        return [_reclaim_expired_leases_row(row) for row in rows]
 
     def lock_next_key(self, *, tried: list[str], task_names: list[str]) -> str | None:
         """Claim, statement 1: lock the key that has waited longest among those with work for us.
@@ -643,31 +689,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_KEY_TASKS, [worker, lease, key, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def claim_unkeyed_tasks(
         self,
@@ -681,31 +703,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_UNKEYED_TASKS, [worker, lease, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def queued_task_exists(self, *, task_names: list[str]) -> bool | None:
         """Whether a task this worker could run is queued or scheduled, claimable right now or not."""
@@ -757,11 +755,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return FailAttemptRow(
-            status=models.TaskStatus(row[0]),
-            run_at=row[1],
-            retry_in=row[2],
-        )
+        return _fail_attempt_row(row)
 
     def cancel_task(self, *, id: int) -> models.TaskStatus | None:
         """Cancel a task that has not finished; returns the status it had. No row: it had finished."""
@@ -779,90 +773,28 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            concurrency_key=row[3],
-            status=models.TaskStatus(row[4]),
-            output=row[5],
-            error=row[6],
-            worker=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            finished_at=row[10],
-            priority=row[11],
-            run_at=row[12],
-            max_attempts=row[13],
-            backoff_base=row[14],
-            backoff_cap=row[15],
-            timeout=row[16],
-            attempts=row[17],
-            lease_expires_at=row[18],
-            idempotency_key=row[19],
-        )
+        return _task(row)
 
     def list_tasks(self) -> list[models.Task]:
         """Every task, oldest first (fine for a demo; a real dashboard would page through them)."""
         with self._cursor() as cur:
             cur.execute(LIST_TASKS)
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def list_attempts(self, *, task_id: int) -> list[models.TaskAttempt]:
         """Every attempt of one task, first to last."""
         with self._cursor() as cur:
             cur.execute(LIST_ATTEMPTS, [task_id])
             rows = cur.fetchall()
-        return [
-            models.TaskAttempt(
-                task_id=row[0],
-                attempt=row[1],
-                worker=row[2],
-                status=models.AttemptStatus(row[3]),
-                error=row[4],
-                started_at=row[5],
-                finished_at=row[6],
-            )
-            for row in rows
-        ]
+        return [_task_attempt(row) for row in rows]
 
     def count_tasks_by_status(self) -> list[CountTasksByStatusRow]:
         """How many tasks are in each status; a status no task is in does not appear."""
         with self._cursor() as cur:
             cur.execute(COUNT_TASKS_BY_STATUS)
             rows = cur.fetchall()
-        return [
-            CountTasksByStatusRow(
-                status=models.TaskStatus(row[0]),
-                tasks=row[1],
-            )
-            for row in rows
-        ]
+        return [_count_tasks_by_status_row(row) for row in rows]
 
     def delete_finished_tasks(self, *, older_than: datetime.timedelta, batch: int) -> int:
         """Retention: delete up to `batch` tasks (with their attempts) finished more than `older_than` ago."""
@@ -875,23 +807,11 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_KEY)
             rows = cur.fetchall()
-        return [
-            MostRunningPerKeyRow(
-                concurrency_key=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_key_row(row) for row in rows]
 
     def most_running_per_worker(self) -> list[MostRunningPerWorkerRow]:
         """The same audit per worker: the most tasks one worker ever ran at once (never above its slots)."""
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_WORKER)
             rows = cur.fetchall()
-        return [
-            MostRunningPerWorkerRow(
-                worker=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_worker_row(row) for row in rows]

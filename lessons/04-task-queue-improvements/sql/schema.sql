@@ -1,4 +1,4 @@
--- Lesson 04: a task queue that survives its workers: attempts, leases, retries, scheduling.
+-- A task queue that survives its workers: attempts, leases, retries, scheduling.
 -- A task moves (scheduled ->) queued -> running -> completed, failed or cancelled. A failed
 -- attempt sends it back to scheduled, to wait out a backoff, until it runs out of attempts.
 -- scheduled: waiting for its run_at; queued: claimable now. Two statuses, not one status and a

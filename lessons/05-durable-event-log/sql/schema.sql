@@ -1,4 +1,5 @@
--- Lesson 04: a task queue that survives its workers: attempts, leases, retries, scheduling.
+-- A task queue that survives its workers (attempts, leases, retries, scheduling), and the event
+-- log of its durable functions.
 -- A task moves (scheduled ->) queued -> running -> completed, failed or cancelled. A failed
 -- attempt sends it back to scheduled, to wait out a backoff, until it runs out of attempts.
 -- scheduled: waiting for its run_at; queued: claimable now. Two statuses, not one status and a
@@ -132,7 +133,7 @@ CREATE INDEX tasks_finished ON tasks (finished_at)
 -- endregion
 
 -- region: events
--- Lesson 05: the event log. A durable function's steps, in the order it took them: what each
+-- The event log. A durable function's steps, in the order it took them: what each
 -- returned, or what it raised. A retry runs the function again from the top, and each step
 -- already in the log returns its recorded result instead of running again.
 CREATE TYPE event_kind AS ENUM ('step_completed', 'step_failed');

@@ -464,7 +464,7 @@ LOAD_HISTORY = """-- name: LoadHistory :many
 SELECT task_id, replay, seq, attempt, kind, name, input_hash, result, error, duration, recorded_at
 FROM task_events
 WHERE task_id = $1
-    -- Lesson 06: the task's current history only; the ones a replay set aside are not replayed.
+    -- The task's current history only; the ones a replay set aside are not replayed.
     AND replay = (SELECT replays FROM tasks WHERE id = $1)
     -- Only earlier attempts: a worker that lost its lease never replays what its successor did.
     AND attempt < $2
@@ -558,6 +558,119 @@ ORDER BY id
 """
 
 
+def _task(row: TupleRow) -> models.Task:
+    return models.Task(
+        id=row[0],
+        name=row[1],
+        input=row[2],
+        concurrency_key=row[3],
+        status=models.TaskStatus(row[4]),
+        output=row[5],
+        error=row[6],
+        worker=row[7],
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+        priority=row[11],
+        run_at=row[12],
+        max_attempts=row[13],
+        backoff_base=row[14],
+        backoff_cap=row[15],
+        timeout=row[16],
+        attempts=row[17],
+        lease_expires_at=row[18],
+        idempotency_key=row[19],
+        replays=row[20],
+    )
+
+
+def _reclaim_expired_leases_row(row: TupleRow) -> ReclaimExpiredLeasesRow:
+    return ReclaimExpiredLeasesRow(
+        id=row[0],
+        attempts=row[1],
+        status=models.TaskStatus(row[2]),
+        worker=row[3],
+    )
+
+
+def _fail_attempt_row(row: TupleRow) -> FailAttemptRow:
+    return FailAttemptRow(
+        status=models.TaskStatus(row[0]),
+        run_at=row[1],
+        retry_in=row[2],
+    )
+
+
+def _task_attempt(row: TupleRow) -> models.TaskAttempt:
+    return models.TaskAttempt(
+        task_id=row[0],
+        attempt=row[1],
+        worker=row[2],
+        status=models.AttemptStatus(row[3]),
+        error=row[4],
+        started_at=row[5],
+        finished_at=row[6],
+    )
+
+
+def _count_tasks_by_status_row(row: TupleRow) -> CountTasksByStatusRow:
+    return CountTasksByStatusRow(
+        status=models.TaskStatus(row[0]),
+        tasks=row[1],
+    )
+
+
+def _most_running_per_key_row(row: TupleRow) -> MostRunningPerKeyRow:
+    return MostRunningPerKeyRow(
+        concurrency_key=row[0],
+        most_at_once=row[1],
+    )
+
+
+def _most_running_per_worker_row(row: TupleRow) -> MostRunningPerWorkerRow:
+    return MostRunningPerWorkerRow(
+        worker=row[0],
+        most_at_once=row[1],
+    )
+
+
+def _task_event(row: TupleRow) -> models.TaskEvent:
+    return models.TaskEvent(
+        task_id=row[0],
+        replay=row[1],
+        seq=row[2],
+        attempt=row[3],
+        kind=models.EventKind(row[4]),
+        name=row[5],
+        input_hash=row[6],
+        result=row[7],
+        error=row[8],
+        duration=row[9],
+        recorded_at=row[10],
+    )
+
+
+def _append_event_row(row: TupleRow) -> AppendEventRow:
+    return AppendEventRow(
+        seq=row[0],
+        result=row[1],
+    )
+
+
+def _operator_action(row: TupleRow) -> models.OperatorAction:
+    return models.OperatorAction(
+        id=row[0],
+        task_id=row[1],
+        action=models.OperatorActionKind(row[2]),
+        status=models.TaskStatus(row[3]),
+        error=row[4],
+        attempts=row[5],
+        replay=row[6],
+        events=row[7],
+        at=row[8],
+    )
+
+
 class Querier:
     """Runs the queries of queries.sql on a psycopg connection."""
 
@@ -630,29 +743,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            concurrency_key=row[3],
-            status=models.TaskStatus(row[4]),
-            output=row[5],
-            error=row[6],
-            worker=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            finished_at=row[10],
-            priority=row[11],
-            run_at=row[12],
-            max_attempts=row[13],
-            backoff_base=row[14],
-            backoff_cap=row[15],
-            timeout=row[16],
-            attempts=row[17],
-            lease_expires_at=row[18],
-            idempotency_key=row[19],
-            replays=row[20],
-        )
+        return _task(row)
 
     def enqueue_tasks(
         self,
@@ -699,15 +790,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(RECLAIM_EXPIRED_LEASES, [max_tasks])
             rows = cur.fetchall()
-        return [
-            ReclaimExpiredLeasesRow(
-                id=row[0],
-                attempts=row[1],
-                status=models.TaskStatus(row[2]),
-                worker=row[3],
-            )
-            for row in rows
-        ]
+        return [_reclaim_expired_leases_row(row) for row in rows]
 
     def lock_next_key(self, *, tried: list[str], task_names: list[str]) -> str | None:
         """Claim, statement 1: lock the key that has waited longest among those with work for us.
@@ -742,32 +825,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_KEY_TASKS, [worker, lease, key, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-                replays=row[20],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def claim_unkeyed_tasks(
         self,
@@ -781,32 +839,7 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(CLAIM_UNKEYED_TASKS, [worker, lease, task_names, max_tasks])
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-                replays=row[20],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def queued_task_exists(self, *, task_names: list[str]) -> bool | None:
         """Whether a task this worker could run is queued or scheduled, claimable right now or not."""
@@ -859,11 +892,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return FailAttemptRow(
-            status=models.TaskStatus(row[0]),
-            run_at=row[1],
-            retry_in=row[2],
-        )
+        return _fail_attempt_row(row)
 
     def cancel_task(self, *, id: int) -> models.TaskStatus | None:
         """Cancel a task that has not finished; returns the status it had. No row: it had finished."""
@@ -881,92 +910,28 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.Task(
-            id=row[0],
-            name=row[1],
-            input=row[2],
-            concurrency_key=row[3],
-            status=models.TaskStatus(row[4]),
-            output=row[5],
-            error=row[6],
-            worker=row[7],
-            created_at=row[8],
-            started_at=row[9],
-            finished_at=row[10],
-            priority=row[11],
-            run_at=row[12],
-            max_attempts=row[13],
-            backoff_base=row[14],
-            backoff_cap=row[15],
-            timeout=row[16],
-            attempts=row[17],
-            lease_expires_at=row[18],
-            idempotency_key=row[19],
-            replays=row[20],
-        )
+        return _task(row)
 
     def list_tasks(self) -> list[models.Task]:
         """Every task, oldest first (fine for a demo; a real dashboard would page through them)."""
         with self._cursor() as cur:
             cur.execute(LIST_TASKS)
             rows = cur.fetchall()
-        return [
-            models.Task(
-                id=row[0],
-                name=row[1],
-                input=row[2],
-                concurrency_key=row[3],
-                status=models.TaskStatus(row[4]),
-                output=row[5],
-                error=row[6],
-                worker=row[7],
-                created_at=row[8],
-                started_at=row[9],
-                finished_at=row[10],
-                priority=row[11],
-                run_at=row[12],
-                max_attempts=row[13],
-                backoff_base=row[14],
-                backoff_cap=row[15],
-                timeout=row[16],
-                attempts=row[17],
-                lease_expires_at=row[18],
-                idempotency_key=row[19],
-                replays=row[20],
-            )
-            for row in rows
-        ]
+        return [_task(row) for row in rows]
 
     def list_attempts(self, *, task_id: int) -> list[models.TaskAttempt]:
         """Every attempt of one task, first to last."""
         with self._cursor() as cur:
             cur.execute(LIST_ATTEMPTS, [task_id])
             rows = cur.fetchall()
-        return [
-            models.TaskAttempt(
-                task_id=row[0],
-                attempt=row[1],
-                worker=row[2],
-                status=models.AttemptStatus(row[3]),
-                error=row[4],
-                started_at=row[5],
-                finished_at=row[6],
-            )
-            for row in rows
-        ]
+        return [_task_attempt(row) for row in rows]
 
     def count_tasks_by_status(self) -> list[CountTasksByStatusRow]:
         """How many tasks are in each status; a status no task is in does not appear."""
         with self._cursor() as cur:
             cur.execute(COUNT_TASKS_BY_STATUS)
             rows = cur.fetchall()
-        return [
-            CountTasksByStatusRow(
-                status=models.TaskStatus(row[0]),
-                tasks=row[1],
-            )
-            for row in rows
-        ]
+        return [_count_tasks_by_status_row(row) for row in rows]
 
     def delete_finished_tasks(self, *, older_than: datetime.timedelta, batch: int) -> int:
         """Retention: delete up to `batch` tasks (with their attempts) finished more than `older_than` ago."""
@@ -979,48 +944,21 @@ class Querier:
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_KEY)
             rows = cur.fetchall()
-        return [
-            MostRunningPerKeyRow(
-                concurrency_key=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_key_row(row) for row in rows]
 
     def most_running_per_worker(self) -> list[MostRunningPerWorkerRow]:
         """The same audit per worker: the most tasks one worker ever ran at once (never above its slots)."""
         with self._cursor() as cur:
             cur.execute(MOST_RUNNING_PER_WORKER)
             rows = cur.fetchall()
-        return [
-            MostRunningPerWorkerRow(
-                worker=row[0],
-                most_at_once=row[1],
-            )
-            for row in rows
-        ]
+        return [_most_running_per_worker_row(row) for row in rows]
 
     def load_history(self, *, task_id: int, attempt: int) -> list[models.TaskEvent]:
         """The events the task's earlier attempts recorded, in order: what a retry replays."""
         with self._cursor() as cur:
             cur.execute(LOAD_HISTORY, [task_id, attempt])
             rows = cur.fetchall()
-        return [
-            models.TaskEvent(
-                task_id=row[0],
-                replay=row[1],
-                seq=row[2],
-                attempt=row[3],
-                kind=models.EventKind(row[4]),
-                name=row[5],
-                input_hash=row[6],
-                result=row[7],
-                error=row[8],
-                duration=row[9],
-                recorded_at=row[10],
-            )
-            for row in rows
-        ]
+        return [_task_event(row) for row in rows]
 
     def append_event(
         self,
@@ -1058,10 +996,7 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return AppendEventRow(
-            seq=row[0],
-            result=row[1],
-        )
+        return _append_event_row(row)
 
     def get_event(self, *, task_id: int, seq: int, attempt: int) -> models.TaskEvent | None:
         """The event at `seq` if this attempt appended it: after a connection broke, did the append land?"""
@@ -1070,41 +1005,14 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.TaskEvent(
-            task_id=row[0],
-            replay=row[1],
-            seq=row[2],
-            attempt=row[3],
-            kind=models.EventKind(row[4]),
-            name=row[5],
-            input_hash=row[6],
-            result=row[7],
-            error=row[8],
-            duration=row[9],
-            recorded_at=row[10],
-        )
+        return _task_event(row)
 
     def list_events(self, *, task_id: int) -> list[models.TaskEvent]:
         """A task's whole log, every history, first event to last: for people, the demo and the tests."""
         with self._cursor() as cur:
             cur.execute(LIST_EVENTS, [task_id])
             rows = cur.fetchall()
-        return [
-            models.TaskEvent(
-                task_id=row[0],
-                replay=row[1],
-                seq=row[2],
-                attempt=row[3],
-                kind=models.EventKind(row[4]),
-                name=row[5],
-                input_hash=row[6],
-                result=row[7],
-                error=row[8],
-                duration=row[9],
-                recorded_at=row[10],
-            )
-            for row in rows
-        ]
+        return [_task_event(row) for row in rows]
 
     def requeue_task(
         self,
@@ -1122,34 +1030,11 @@ class Querier:
             row = cur.fetchone()
         if row is None:
             return None
-        return models.OperatorAction(
-            id=row[0],
-            task_id=row[1],
-            action=models.OperatorActionKind(row[2]),
-            status=models.TaskStatus(row[3]),
-            error=row[4],
-            attempts=row[5],
-            replay=row[6],
-            events=row[7],
-            at=row[8],
-        )
+        return _operator_action(row)
 
     def list_operator_actions(self, *, task_id: int) -> list[models.OperatorAction]:
         """What operators did to one task, first to last."""
         with self._cursor() as cur:
             cur.execute(LIST_OPERATOR_ACTIONS, [task_id])
             rows = cur.fetchall()
-        return [
-            models.OperatorAction(
-                id=row[0],
-                task_id=row[1],
-                action=models.OperatorActionKind(row[2]),
-                status=models.TaskStatus(row[3]),
-                error=row[4],
-                attempts=row[5],
-                replay=row[6],
-                events=row[7],
-                at=row[8],
-            )
-            for row in rows
-        ]
+        return [_operator_action(row) for row in rows]

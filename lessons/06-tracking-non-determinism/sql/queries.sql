@@ -441,7 +441,7 @@ ORDER BY worker;
 SELECT *
 FROM task_events
 WHERE task_id = sqlc.arg(task_id)
-    -- Lesson 06: the task's current history only; the ones a replay set aside are not replayed.
+    -- The task's current history only; the ones a replay set aside are not replayed.
     AND replay = (SELECT replays FROM tasks WHERE id = sqlc.arg(task_id))
     -- Only earlier attempts: a worker that lost its lease never replays what its successor did.
     AND attempt < sqlc.arg(attempt)

@@ -1,4 +1,5 @@
--- Lesson 04: a task queue that survives its workers: attempts, leases, retries, scheduling.
+-- A task queue that survives its workers (attempts, leases, retries, scheduling), the event log
+-- of its durable functions, and what operators did to them.
 -- A task moves (scheduled ->) queued -> running -> completed, failed or cancelled. A failed
 -- attempt sends it back to scheduled, to wait out a backoff, until it runs out of attempts.
 -- scheduled: waiting for its run_at; queued: claimable now. Two statuses, not one status and a
@@ -61,7 +62,7 @@ CREATE TABLE tasks (
     -- Chosen by the producer (an order id, a request id), so that an enqueue is safe to
     -- repeat: a second enqueue with the key finds this task instead of creating another.
     idempotency_key text,
-    -- Lesson 06: how many times an operator replayed the task (engine.replay). A replay starts
+    -- How many times an operator replayed the task (engine.replay). A replay starts
     -- the task over with an empty event log: this is the number of its current history.
     replays         integer     NOT NULL DEFAULT 0 CHECK (replays >= 0),
     -- The table itself refuses a row that contradicts its status, whatever code wrote it.
@@ -135,10 +136,9 @@ CREATE INDEX tasks_finished ON tasks (finished_at)
 -- endregion
 
 -- region: events
--- Lesson 05: the event log. A durable function's steps, in the order it took them: what each
--- returned, or what it raised. A retry runs the function again from the top, and each step
--- already in the log returns its recorded result instead of running again.
--- Lesson 06: and what the function read from the clock or a random source (value_recorded),
+-- The event log. A durable function's steps, in the order it took them: what each returned, or
+-- what it raised. A retry runs the function again from the top, and each step already in the
+-- log returns its recorded result instead of running again. And what the function read from the clock or a random source (value_recorded),
 -- and which patches it took (patch_applied). A replay checks that the code asks for the same
 -- things, in the same order, as the log recorded.
 CREATE TYPE event_kind AS ENUM (
@@ -147,7 +147,7 @@ CREATE TYPE event_kind AS ENUM (
 
 CREATE TABLE task_events (
     task_id     bigint      NOT NULL,
-    -- Lesson 06: the history the event belongs to: the task's `replays` when it was recorded.
+    -- The history the event belongs to: the task's `replays` when it was recorded.
     -- A replay starts history n + 1, empty; history n stays here, read-only, for the post-mortem.
     replay      integer     NOT NULL,
     -- The event's place in the task's log: 1, 2, 3... Every run of the function numbers its
@@ -160,7 +160,7 @@ CREATE TABLE task_events (
     -- 'uuid4') or the patch's name. With the kind and the place, the event's identity: a
     -- replay that asks for something else at this place is stopped (NonDeterminismError).
     name        text        NOT NULL,
-    -- Lesson 06: for a step whose function asked for it (ctx.step(..., hash_input=True)), the
+    -- For a step whose function asked for it (ctx.step(..., hash_input=True)), the
     -- SHA-256 of its arguments as canonical JSON: a replay that passes other arguments is
     -- stopped too. NULL: not asked for.
     input_hash  text,
@@ -203,10 +203,10 @@ CREATE TRIGGER task_events_are_append_only
 -- endregion
 
 -- region: operator_actions
--- Lesson 06: what operators did to tasks. A retry (engine.retry) runs a failed
--- task again on the history it has; a replay (engine.replay) runs it again from an empty
--- history, and sets the old one aside. Either way, this row says when, and what the task was
--- like before: its status and error, its attempts, and the history kept or set aside.
+-- What operators did to tasks. A retry (engine.retry) runs a failed task again on the history
+-- it has; a replay (engine.replay) runs it again from an empty history, and sets the old one
+-- aside. Either way, this row says when, and what the task was like before: its status and
+-- error, its attempts, and the history kept or set aside.
 CREATE TYPE operator_action_kind AS ENUM ('retry', 'replay');
 
 CREATE TABLE operator_actions (

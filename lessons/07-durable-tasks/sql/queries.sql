@@ -103,7 +103,7 @@ WITH expired AS (
     LIMIT sqlc.arg(max_tasks)
     FOR UPDATE SKIP LOCKED
 ),
--- Lesson 07: a child that fails for good here wakes its parent (WakeParents, in the same
+-- A child that fails for good here wakes its parent (WakeParents, in the same
 -- transaction), which needs the parent's row locked. Skipped if someone else holds it, like the
 -- rest: this statement never waits for a lock, so it cannot deadlock, whatever order it takes
 -- them in. A child whose parent is busy is left for the next claim.
@@ -257,7 +257,7 @@ WITH held AS (
     -- Two arrays, zipped into (id, attempt) pairs: one statement for every task the worker holds.
     SELECT unnest(sqlc.arg(ids)::bigint[]) AS id, unnest(sqlc.arg(attempts)::integer[]) AS attempt
 ),
--- Lesson 07: the rows are locked in id order, then updated. A worker may run a parent and its
+-- The rows are locked in id order, then updated. A worker may run a parent and its
 -- children at once, and a cancel locks a parent, then its children (see LockTasks): in another
 -- order, each could hold a row the other waits for.
 locked AS (
@@ -441,7 +441,7 @@ WHERE id IN (
     FROM tasks
     WHERE status IN ('completed', 'failed', 'cancelled')
         AND finished_at < now() - sqlc.arg(older_than)::interval
-        -- Lesson 07: children go with their parent (ON DELETE CASCADE), never on their own: a
+        -- Children go with their parent (ON DELETE CASCADE), never on their own: a
         -- parent that has yet to record a child's outcome needs its row. And a parent goes
         -- only once all its children have finished.
         AND parent_id IS NULL
@@ -510,7 +510,7 @@ ORDER BY worker;
 SELECT *
 FROM task_events
 WHERE task_id = sqlc.arg(task_id)
-    -- Lesson 06: the task's current history only; the ones a replay set aside are not replayed.
+    -- The task's current history only; the ones a replay set aside are not replayed.
     AND replay = (SELECT replays FROM tasks WHERE id = sqlc.arg(task_id))
     -- Only earlier attempts: a worker that lost its lease never replays what its successor did.
     AND attempt < sqlc.arg(attempt)
@@ -633,7 +633,7 @@ ORDER BY id;
 
 -- region: spawn
 -- name: SpawnTask :one
--- Lesson 07: create a child of the attempt this worker owns; no row: it owns it no longer.
+-- Create a child of the attempt this worker owns; no row: it owns it no longer.
 WITH owner AS (
     -- AppendEvent's fence: this task, this attempt, still running, still leased.
     SELECT p.id

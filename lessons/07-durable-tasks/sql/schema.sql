@@ -1,16 +1,17 @@
--- Lesson 04: a task queue that survives its workers: attempts, leases, retries, scheduling.
+-- A task queue that survives its workers (attempts, leases, retries, scheduling), the event log
+-- of its durable tasks, their children, and what operators did to them.
 -- A task moves (scheduled ->) queued -> running -> completed, failed or cancelled. A failed
 -- attempt sends it back to scheduled, to wait out a backoff, until it runs out of attempts.
 -- scheduled: waiting for its run_at; queued: claimable now. Two statuses, not one status and a
 -- time, so that the claim's index holds only tasks it can take, and never steps over others.
--- Lesson 07: suspended: a durable task waiting for its children, holding no worker and no
+-- suspended: a durable task waiting for its children, holding no worker and no
 -- lease. The last of the children it waits for to finish makes it queued again.
 CREATE TYPE task_status AS ENUM (
     'scheduled', 'queued', 'running', 'suspended', 'completed', 'failed', 'cancelled'
 );
 
--- An attempt is never queued: it starts running when a worker claims the task. Lesson 07: an
--- attempt that ends because its durable task waits for children is suspended, not failed.
+-- An attempt is never queued: it starts running when a worker claims the task. An attempt
+-- that ends because its durable task waits for children is suspended, not failed.
 CREATE TYPE attempt_status AS ENUM ('running', 'suspended', 'completed', 'failed', 'cancelled');
 
 -- One row per concurrency key: whatever a set of tasks must share (a tenant, a customer's API
@@ -64,10 +65,9 @@ CREATE TABLE tasks (
     attempts        integer     NOT NULL DEFAULT 0,
     -- While running: the worker owns the task until then, and its heartbeats push it forward.
     lease_expires_at timestamptz,
-    -- Lesson 06: how many times an operator replayed the task (engine.replay). A replay starts
+    -- How many times an operator replayed the task (engine.replay). A replay starts
     -- the task over with an empty event log: this is the number of its current history.
     replays         integer     NOT NULL DEFAULT 0 CHECK (replays >= 0),
-    -- Lesson 07: durable tasks and their children.
     -- The durable task that spawned this one (a child); NULL for a task a client enqueued.
     -- Deleting a parent (the retention query) deletes its children.
     parent_id       bigint      REFERENCES tasks (id) ON DELETE CASCADE,
@@ -155,13 +155,12 @@ CREATE INDEX tasks_finished ON tasks (finished_at)
 -- endregion
 
 -- region: events
--- Lesson 05: the event log. A durable function's steps, in the order it took them: what each
--- returned, or what it raised. A retry runs the function again from the top, and each step
--- already in the log returns its recorded result instead of running again.
--- Lesson 06: and what the function read from the clock or a random source (value_recorded),
+-- The event log. A durable function's steps, in the order it took them: what each returned, or
+-- what it raised. A retry runs the function again from the top, and each step already in the
+-- log returns its recorded result instead of running again. And what the function read from the clock or a random source (value_recorded),
 -- and which patches it took (patch_applied). A replay checks that the code asks for the same
 -- things, in the same order, as the log recorded.
--- Lesson 07: which children the function spawned (child_spawned), and, where it waited for
+-- Which children the function spawned (child_spawned), and, where it waited for
 -- them, how each ended (child_completed, child_failed).
 CREATE TYPE event_kind AS ENUM (
     'step_completed', 'step_failed', 'value_recorded', 'patch_applied',
@@ -170,7 +169,7 @@ CREATE TYPE event_kind AS ENUM (
 
 CREATE TABLE task_events (
     task_id     bigint      NOT NULL,
-    -- Lesson 06: the history the event belongs to: the task's `replays` when it was recorded.
+    -- The history the event belongs to: the task's `replays` when it was recorded.
     -- A replay starts history n + 1, empty; history n stays here, read-only, for the post-mortem.
     replay      integer     NOT NULL,
     -- The event's place in the task's log: 1, 2, 3... Every run of the function numbers its
@@ -190,10 +189,10 @@ CREATE TABLE task_events (
     input_hash  text,
     -- What the step returned (step_completed), or what it raised, "Type: message" (step_failed),
     -- or the value that was read (value_recorded).
-    -- Lesson 07: what the child returned (child_completed), or its error (child_failed).
+    -- What the child returned (child_completed), or its error (child_failed).
     result      jsonb,
     error       text,
-    -- Lesson 07: the child task that a child_* event is about.
+    -- The child task that a child_* event is about.
     child_id    bigint      REFERENCES tasks (id) ON DELETE CASCADE,
     -- How long the step ran, as the worker timed it; when the log received it, by the database
     -- clock. (The step's start is their difference: no second clock enters the table.)
@@ -233,10 +232,10 @@ CREATE TRIGGER task_events_are_append_only
 -- endregion
 
 -- region: operator_actions
--- Lesson 06: what operators did to tasks. A retry (engine.retry) runs a failed
--- task again on the history it has; a replay (engine.replay) runs it again from an empty
--- history, and sets the old one aside. Either way, this row says when, and what the task was
--- like before: its status and error, its attempts, and the history kept or set aside.
+-- What operators did to tasks. A retry (engine.retry) runs a failed task again on the history
+-- it has; a replay (engine.replay) runs it again from an empty history, and sets the old one
+-- aside. Either way, this row says when, and what the task was like before: its status and
+-- error, its attempts, and the history kept or set aside.
 CREATE TYPE operator_action_kind AS ENUM ('retry', 'replay');
 
 CREATE TABLE operator_actions (
@@ -256,7 +255,7 @@ CREATE TABLE operator_actions (
 -- endregion
 
 -- region: children
--- Lesson 07: a task's children: for the cancel that cancels them with their parent, the
+-- A task's children: for the cancel that cancels them with their parent, the
 -- retention query that deletes them with it, and people. Only children are in it.
 CREATE INDEX tasks_children ON tasks (parent_id) WHERE parent_id IS NOT NULL;
 

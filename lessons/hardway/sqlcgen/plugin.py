@@ -29,8 +29,15 @@ What is generated, into `out`:
 - `__init__.py`, so that `out` is a package;
 - `models.py`: an `enum.StrEnum` per PostgreSQL enum, a dataclass per table;
 - one module per queries file (`queries.sql` -> `queries.py`): the SQL as constants, a `...Row`
-  dataclass for each result that is not a whole table, and `class Querier` with one method per
-  query. Supported commands: `:one`, `:many`, `:exec`, `:execrows`.
+  dataclass for each result that is not a whole table, one function per dataclass that makes a
+  row into it (`_task(row)`, shared by every query returning a Task), and `class Querier` with
+  one method per query. Supported commands: `:one`, `:many`, `:exec`, `:execrows`.
+
+A type admits None where sqlc says the value may be NULL (`not_null` in the request): sqlc
+reports a `NOT NULL` column and `count(*)` as not null, so they come out `int`. A `:one` method
+returns None when there is no row, so it adds `| None` to any type: `SELECT count(*)` as `:one`
+is `int | None`, as sqlc does not say which queries always return a row. (sqlc reports `sum()`,
+`max()` and the other aggregates not null too, though they are NULL over no rows.)
 """
 
 from __future__ import annotations

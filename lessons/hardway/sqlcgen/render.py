@@ -159,9 +159,45 @@ class Result:
     """What a :one/:many query returns: a scalar, a table's model, or a Row dataclass."""
 
     annotation: str  # of one row
-    values: list[Expr]  # converting row[i]
-    constructor: str | None  # "models.Task", "ClaimTaskRow", or None for a scalar
-    field_names: list[str]
+    value: Expr  # made from `row`: `row[0]`, `models.TaskStatus(row[0])`, or `_task(row)`
+
+
+class Converters:
+    """The functions that make a row into a dataclass: one per class, shared by every query.
+
+    `def _task(row: TupleRow) -> models.Task:` passes each field as a keyword (`id=row[0]`,
+    `status=models.TaskStatus(row[4])`): the reader sees which column goes where, and mypy checks
+    every name against the dataclass. Positional arguments would build the object faster, but
+    mypy could check only their number. psycopg's `class_row` would need no function at all, but
+    it matches columns to fields by name, which the generated names do not always keep (`from`
+    becomes `from_`, a second `id` `id_2`), and it would leave an enum a plain str.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}  # class ("models.Task") -> function name ("_task")
+        self.blocks: list[list[str]] = []  # their definitions, in order of first use
+
+    def name(self, cls: str, field_names: list[str], values: list[Expr]) -> str:
+        """The name of the function making `row` a `cls`, written on the first call for `cls`."""
+        if cls not in self._names:
+            # `_task`, or `_row_1st` for a class `_1st`: `_` then a letter, which no parameter
+            # name starts with, so that no parameter hides the function from the method.
+            snake = names.snake(cls.removeprefix("models."))
+            base = f"_{snake}" if snake[0].isalpha() else f"_row_{snake}"
+            name = names.dedupe([*self._names.values(), base])[-1]
+            self._names[cls] = name
+            kwargs = []
+            for field_name, value in zip(field_names, values, strict=True):
+                kwargs += _expr_lines(value, INDENT * 2, prefix=f"{field_name}=", suffix=",")
+            self.blocks.append(
+                [
+                    *_signature(name, ["row: TupleRow"], cls, indent=""),
+                    f"{INDENT}return {cls}(",
+                    *kwargs,
+                    f"{INDENT})",
+                ]
+            )
+        return self._names[cls]
 
 
 def queries_module(
@@ -173,6 +209,7 @@ def queries_module(
     imports.add("psycopg.rows", "tuple_row")
     imports.add("psycopg.rows", "TupleRow")
     blocks: list[list[str]] = []
+    converters = Converters()
     methods: list[list[str]] = []
     errors: list[str] = []
     seen_methods: dict[str, str] = {}
@@ -185,7 +222,7 @@ def queries_module(
                     f'query "{seen_methods[method]}" has the same method name, {method}()'
                 )
             seen_methods[method] = name
-            query_blocks, query_method = _query(query, method, catalog, imports)
+            query_blocks, query_method = _query(query, method, catalog, imports, converters)
         except GenerationError as err:
             errors.extend(f'{filename}: query "{name}": {line}' for line in str(err).splitlines())
             continue
@@ -208,11 +245,17 @@ def queries_module(
     ]
     for method_lines in methods:
         querier += ["", *method_lines]
-    return _file(header(sqlc_version, source=filename), imports.lines(), *blocks, querier)
+    return _file(
+        header(sqlc_version, source=filename),
+        imports.lines(),
+        *blocks,
+        *converters.blocks,
+        querier,
+    )
 
 
 def _query(
-    query: dict[str, Any], method: str, catalog: Catalog, imports: Imports
+    query: dict[str, Any], method: str, catalog: Catalog, imports: Imports, converters: Converters
 ) -> tuple[list[list[str]], list[str]]:
     """Top-level blocks (SQL constant, maybe a Row class) and the Querier method of a query."""
     name, command = query.get("name", ""), query.get("cmd", "")
@@ -230,7 +273,7 @@ def _query(
         errors.append(str(err))
     if command in (":one", ":many"):
         try:
-            result, row_class = _result(query, catalog, imports)
+            result, row_class = _result(query, catalog, imports, converters)
             if row_class:
                 blocks.append(row_class)
         except GenerationError as err:
@@ -248,9 +291,8 @@ def _query(
     else:
         returns = f"list[{result.annotation}]"
 
-    lines = _signature(
-        method, [f"{p.name}: {p.vtype.annotation('models.')}" for p in params], returns
-    )
+    typed_params = [f"{p.name}: {p.vtype.annotation('models.')}" for p in params]
+    lines = _signature(method, ["self", *(["*", *typed_params] if params else [])], returns)
     body = _docstring(_doc_comments(query.get("comments") or []), INDENT * 2)
     body.append(f"{INDENT * 2}with self._cursor() as cur:")
     body += _execute(constant, [p.expr() for p in params], INDENT * 3)
@@ -260,11 +302,11 @@ def _query(
         assert result is not None
         body.append(f"{INDENT * 3}row = cur.fetchone()")
         body += [f"{INDENT * 2}if row is None:", f"{INDENT * 3}return None"]
-        body += _return_one(result, INDENT * 2)
+        body += _return_one(result.value, INDENT * 2)
     elif command == ":many":
         assert result is not None
         body.append(f"{INDENT * 3}rows = cur.fetchall()")
-        body += _return_many(result, INDENT * 2)
+        body += _return_many(result.value, INDENT * 2)
     return blocks, [INDENT + line for line in lines] + body
 
 
@@ -306,7 +348,7 @@ def _params(params: list[dict[str, Any]], catalog: Catalog, imports: Imports) ->
 
 
 def _result(
-    query: dict[str, Any], catalog: Catalog, imports: Imports
+    query: dict[str, Any], catalog: Catalog, imports: Imports, converters: Converters
 ) -> tuple[Result, list[str] | None]:
     """The Result of a :one/:many query, and the Row dataclass it needs, if any."""
     columns = query.get("columns") or []
@@ -327,29 +369,33 @@ def _result(
     if len(columns) == 1:
         # One column: return the value itself, as sqlc does in Go.
         imports.add_type(vtypes[0])
-        return Result(vtypes[0].annotation("models."), values, None, []), None
+        return Result(vtypes[0].annotation("models."), values[0]), None
     table: Table | None = catalog.table_for(columns)
     if table is not None:
         imports.add(".", "models")
         model = f"models.{table.class_name}"
-        return Result(model, values, model, _column_names(table.columns)), None
+        converter = converters.name(model, _column_names(table.columns), values)
+        return Result(model, Expr(f"{converter}(row)")), None
     imports.add("dataclasses")
     row_class = names.class_name(query.get("name", "")) + "Row"
     field_lines = _fields(columns, vtypes, imports, models_prefix="models.")
     block = ["@dataclasses.dataclass", f"class {row_class}:", *_indent(field_lines)]
-    return Result(row_class, values, row_class, _column_names(columns)), block
+    converter = converters.name(row_class, _column_names(columns), values)
+    return Result(row_class, Expr(f"{converter}(row)")), block
 
 
 # --- statements --------------------------------------------------------------------------------
 
 
-def _signature(method: str, params: list[str], returns: str) -> list[str]:
-    """`def name(self, *, a: int) -> T:` on one line if it fits, else one item per line."""
-    items = ["self", *(["*", *params] if params else [])]
-    one_line = f"def {method}({', '.join(items)}) -> {returns}:"
-    if _fits(INDENT + one_line):
+def _signature(function: str, items: list[str], returns: str, indent: str = INDENT) -> list[str]:
+    """`def name(self, *, a: int) -> T:` on one line if it fits, else one item per line.
+
+    The lines are not indented: `indent` is where they will go (a method's, by default).
+    """
+    one_line = f"def {function}({', '.join(items)}) -> {returns}:"
+    if _fits(indent + one_line):
         return [one_line]
-    return [f"def {method}(", *(f"{INDENT}{item}," for item in items), f") -> {returns}:"]
+    return [f"def {function}(", *(f"{INDENT}{item}," for item in items), f") -> {returns}:"]
 
 
 def _execute(constant: str, args: list[Expr], indent: str) -> list[str]:
@@ -368,47 +414,22 @@ def _execute(constant: str, args: list[Expr], indent: str) -> list[str]:
     return lines + [f"{indent}{INDENT}],", f"{indent})"]
 
 
-def _return_one(result: Result, indent: str) -> list[str]:
-    if result.constructor is None:
-        value = result.values[0]
-        if _fits(f"{indent}return {value.text}") or value.broken is None:
-            return [f"{indent}return {value.text}"]
-        inner = [f"{indent}{INDENT}{line}" for line in value.broken]
-        return [f"{indent}return (", *inner, f"{indent})"]
-    return [
-        f"{indent}return {result.constructor}(",
-        *_kwargs(result, indent + INDENT),
-        f"{indent})",
-    ]
+def _return_one(value: Expr, indent: str) -> list[str]:
+    if _fits(f"{indent}return {value.text}") or value.broken is None:
+        return [f"{indent}return {value.text}"]
+    inner = [f"{indent}{INDENT}{line}" for line in value.broken]
+    return [f"{indent}return (", *inner, f"{indent})"]
 
 
-def _return_many(result: Result, indent: str) -> list[str]:
-    if result.constructor is None:
-        value = result.values[0]
-        one_line = f"{indent}return [{value.text} for row in rows]"
-        if _fits(one_line):
-            return [one_line]
-        inner = indent + INDENT
-        if _fits(f"{inner}{value.text} for row in rows"):
-            return [f"{indent}return [", f"{inner}{value.text} for row in rows", f"{indent}]"]
-        element = _expr_lines(value, inner, suffix="")
-        return [f"{indent}return [", *element, f"{inner}for row in rows", f"{indent}]"]
+def _return_many(value: Expr, indent: str) -> list[str]:
+    one_line = f"{indent}return [{value.text} for row in rows]"
+    if _fits(one_line):
+        return [one_line]
     inner = indent + INDENT
-    return [
-        f"{indent}return [",
-        f"{inner}{result.constructor}(",
-        *_kwargs(result, inner + INDENT),
-        f"{inner})",
-        f"{inner}for row in rows",
-        f"{indent}]",
-    ]
-
-
-def _kwargs(result: Result, indent: str) -> list[str]:
-    lines = []
-    for field_name, value in zip(result.field_names, result.values, strict=True):
-        lines += _expr_lines(value, indent, prefix=f"{field_name}=", suffix=",")
-    return lines
+    if _fits(f"{inner}{value.text} for row in rows"):
+        return [f"{indent}return [", f"{inner}{value.text} for row in rows", f"{indent}]"]
+    element = _expr_lines(value, inner, suffix="")
+    return [f"{indent}return [", *element, f"{inner}for row in rows", f"{indent}]"]
 
 
 def _expr_lines(expr: Expr, indent: str, *, prefix: str = "", suffix: str) -> list[str]:

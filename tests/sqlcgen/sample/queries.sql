@@ -30,6 +30,9 @@ SELECT name FROM tasks ORDER BY id;
 -- name: CountTasks :one
 SELECT count(*) FROM tasks;
 
+-- name: CountTasksByStatus :many
+SELECT status, count(*) AS tasks FROM tasks GROUP BY status ORDER BY status;
+
 -- name: GetTaskStatus :one
 SELECT status FROM tasks WHERE id = $1;
 
