@@ -23,7 +23,7 @@ What the function's author must know, decided here and explained in the README:
 - the code between steps runs again on every attempt: it must come to the same decisions
   given the same step results (no clock, no randomness outside a step: see ctx.now() below).
 
-Lesson 06: a replay checks that the code is still the code that wrote the log. Each event
+A replay checks that the code is still the code that wrote the log. Each event
 records what the code asked for at its place: a step, a value or a patch (its kind), by name,
 and for a step that asks for it, a hash of its arguments. A replay that asks for anything else
 at that place raises NonDeterminismError, and the task fails for good with that message,

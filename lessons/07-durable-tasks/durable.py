@@ -23,7 +23,7 @@ What the function's author must know, decided here and explained in the README:
 - the code between steps runs again on every attempt: it must come to the same decisions
   given the same step results (no clock, no randomness outside a step: see ctx.now() below).
 
-Lesson 06: a replay checks that the code is still the code that wrote the log. Each event
+A replay checks that the code is still the code that wrote the log. Each event
 records what the code asked for at its place: a step, a value or a patch (its kind), by name,
 and for a step that asks for it, a hash of its arguments. A replay that asks for anything else
 at that place raises NonDeterminismError, and the task fails for good with that message,
@@ -32,7 +32,7 @@ holds more than it asked for diverged too. The usual traps get helpers that reco
 read: ctx.now(), ctx.random(), ctx.uuid4(); and a change that must reach tasks already in
 flight goes behind `if ctx.patched("name"):`.
 
-Lesson 07: a durable task hands work to regular tasks, its children, and waits for them:
+A durable task hands work to regular tasks, its children, and waits for them:
 
     handles = [ctx.spawn("web_search", query) for query in plan]
     results = ctx.wait_all(handles)
@@ -108,7 +108,7 @@ class StepError(Exception):
 # region: children
 @dataclasses.dataclass(frozen=True)
 class ChildHandle:
-    """Lesson 07: a child task that this durable task spawned: what `ctx.wait()` takes."""
+    """A child task that this durable task spawned: what `ctx.wait()` takes."""
 
     task_id: int
     name: str
@@ -144,7 +144,7 @@ KINDS = {
     EventKind.STEP_FAILED: "step",
     EventKind.VALUE_RECORDED: "value",
     EventKind.PATCH_APPLIED: "patch",
-    # Lesson 07: a spawn, by the child's task name; a wait, by the name of the child waited for.
+    # A spawn, by the child's task name; a wait, by the name of the child waited for.
     EventKind.CHILD_SPAWNED: "spawn",
     EventKind.CHILD_COMPLETED: "wait",
     EventKind.CHILD_FAILED: "wait",
