@@ -1,23 +1,24 @@
 """The documentation: generated README regions (hardway.docgen), the site build, its rendering.
 
-Fast tests use a small fake repository in a temporary directory; two build the real site with
-mkdocs; the last opens the built pages in headless Chromium, as a reader would, and is skipped
-where /usr/bin/chromium is not installed.
+Fast tests use a small fake repository in a temporary directory; the others build the real site
+with mkdocs, and the last opens the built pages in headless Chromium with no network, as a reader
+offline would (skipped without /usr/bin/chromium or npm).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import html
 import http.server
+import importlib.util
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 from hardway import docgen
 from harness import REPO_ROOT
+from mkdocs.exceptions import PluginError
 
 MKDOCS = Path(sys.executable).parent / "mkdocs"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -51,18 +53,45 @@ def main():
 
 main()
 """
+WORKER_01 = """\
+class Worker:
+    def claim(self):
+        # region: pick
+        task = self.queue.pop()
+        # endregion
+        return task
+"""
+WORKER_02 = """\
+import functools
+
+
+class Worker:
+    def claim(self):
+        # region: pick
+        task = self.queue.pop(0)
+        # endregion
+        self.claimed += 1
+        return task
+
+    @functools.cache
+    def release(self, task):
+        self.queue.append(task)
+"""
 README = """\
 # Lesson {n}
 
 Some prose, then the schema:
 
-<!-- begin generated: schema-diff -->
+<!-- begin generated: schema-diff fold -->
 <!-- end generated -->
 
-<!-- begin generated: queries-diff -->
+<!-- begin generated: queries-diff fold -->
 <!-- end generated -->
 
 <!-- begin generated: code main.py#demo -->
+<!-- end generated -->
+
+<!-- begin generated: code-diff worker.py#Worker.claim -->
 <!-- end generated -->
 
 ## Run
@@ -84,10 +113,14 @@ def _write(path: Path, text: str) -> Path:
 @pytest.fixture
 def fake_repo(tmp_path: Path) -> Path:
     """Two lessons, each with a README holding one region of every kind."""
-    for n, name, schema in (("01", "01-first", SCHEMA_01), ("02", "02-second", SCHEMA_02)):
+    for n, name, schema, worker in (
+        ("01", "01-first", SCHEMA_01, WORKER_01),
+        ("02", "02-second", SCHEMA_02, WORKER_02),
+    ):
         lesson = tmp_path / "lessons" / name
         _write(lesson / "README.md", README.format(n=n))
         _write(lesson / "main.py", MAIN_PY)
+        _write(lesson / "worker.py", worker)
         _write(lesson / "sql" / "schema.sql", schema)
         _write(lesson / "sql" / "queries.sql", QUERIES)
     _write(tmp_path / "README.md", "# Fake\n\n[First lesson](lessons/01-first/README.md)\n")
@@ -158,12 +191,24 @@ def test_spec_keeps_arguments_and_attributes():
     assert docgen.Spec.parse(spec.render()) == spec
 
 
+def test_fold_stands_alone_or_takes_a_quoted_summary():
+    spec = docgen.Spec.parse("schema-diff fold context=5")
+    assert (spec.args, spec.attrs) == ([], {"fold": "", "context": "5"})
+    assert spec.render() == "schema-diff fold context=5"
+    spec = docgen.Spec.parse('code-diff worker.py#claim fold="What the claim became"')
+    assert spec.args == ["worker.py#claim"]
+    assert spec.attrs == {"fold": "What the claim became"}
+    assert spec.render().endswith(" fold='What the claim became'")
+    assert docgen.Spec.parse(spec.render()) == spec
+
+
 # --- diffs and code --------------------------------------------------------------------------
 
 
 def test_schema_diff_against_the_previous_lesson(fake_repo):
     diff = docgen.sql_diff(fake_repo / "lessons" / "02-second", "sql/schema.sql")
-    lines = diff.splitlines()
+    assert diff.label == "sql/schema.sql, diff against lesson 01"
+    lines = diff.markdown.splitlines()
     assert lines[0] == '```diff title="sql/schema.sql"'
     assert lines[1:3] == ["--- 01-first/sql/schema.sql", "+++ 02-second/sql/schema.sql"]
     assert "+CREATE TABLE tasks (" in lines
@@ -173,9 +218,10 @@ def test_schema_diff_against_the_previous_lesson(fake_repo):
 
 def test_first_lesson_shows_the_whole_file_and_unchanged_files_say_so(fake_repo):
     first = docgen.sql_diff(fake_repo / "lessons" / "01-first", "sql/schema.sql")
-    assert first == '```sql title="sql/schema.sql"\n' + SCHEMA_01 + "```"
+    assert first.markdown == '```sql title="sql/schema.sql"\n' + SCHEMA_01 + "```"
     same = docgen.sql_diff(fake_repo / "lessons" / "02-second", "sql/queries.sql")
-    assert same == "`sql/queries.sql` is unchanged since lesson 01-first."
+    assert same.markdown == "`sql/queries.sql` is unchanged since lesson 01-first."
+    assert same.label is None  # one sentence: never folded
 
 
 def test_code_regions_drop_markers_dedent_and_nest(tmp_path):
@@ -195,7 +241,23 @@ def test_code_regions_drop_markers_dedent_and_nest(tmp_path):
     assert "region" not in docgen.extract_code(source, None)
 
     _write(tmp_path / "q.sql", "-- region: pick\nSELECT 1;\n-- endregion\nSELECT 2;\n")
-    assert docgen.code_region(tmp_path, "q.sql#pick") == '```sql title="q.sql"\nSELECT 1;\n```'
+    block = docgen.code_region(tmp_path, "q.sql#pick")
+    assert block.markdown == '```sql title="q.sql"\nSELECT 1;\n```'
+    assert block.label == "q.sql#pick"
+
+
+def test_a_python_excerpt_may_name_a_function_or_class(fake_repo):
+    worker = fake_repo / "lessons" / "02-second" / "worker.py"
+    claim = docgen.extract_code(worker, "Worker.claim")
+    assert claim.startswith("def claim(self):\n    task = self.queue.pop(0)\n")  # no markers
+    assert claim.endswith("    return task")
+    release = docgen.extract_code(worker, "Worker.release")
+    assert release.splitlines()[0] == "@functools.cache"
+    assert docgen.extract_code(worker, "Worker").startswith("class Worker:")
+    # A region of that name wins; a method needs its class.
+    assert docgen.extract_code(worker, "pick") == "task = self.queue.pop(0)"
+    with pytest.raises(docgen.MissingExcerpt, match="nor a function or class"):
+        docgen.extract_code(worker, "claim")
 
 
 @pytest.mark.parametrize(
@@ -212,6 +274,79 @@ def test_code_regions_reject_mistakes(tmp_path, source, message):
     path = _write(tmp_path / "main.py", source)
     with pytest.raises(docgen.DocgenError, match=message):
         docgen.extract_code(path, "a")
+
+
+def test_code_diff_against_the_previous_lesson(fake_repo):
+    second = fake_repo / "lessons" / "02-second"
+    diff = docgen.code_diff(second, "worker.py#Worker.claim")
+    assert diff.label == "worker.py#Worker.claim, diff against lesson 01"
+    assert diff.markdown == "\n".join(
+        [
+            '```diff title="worker.py"',
+            "--- 01-first/worker.py#Worker.claim",
+            "+++ 02-second/worker.py#Worker.claim",
+            "@@ -1,3 +1,4 @@",
+            " def claim(self):",
+            "-    task = self.queue.pop()",
+            "+    task = self.queue.pop(0)",
+            "+    self.claimed += 1",
+            "     return task",
+            "```",
+        ]
+    )
+    region = docgen.code_diff(second, "worker.py#pick", context=0).markdown.splitlines()
+    assert region[1:] == [
+        "--- 01-first/worker.py#pick",
+        "+++ 02-second/worker.py#pick",
+        "@@ -1 +1 @@",
+        "-task = self.queue.pop()",
+        "+task = self.queue.pop(0)",
+        "```",
+    ]
+
+
+def test_code_diff_of_an_excerpt_new_in_this_lesson_or_unchanged(fake_repo):
+    new = docgen.code_diff(fake_repo / "lessons" / "02-second", "worker.py#Worker.release")
+    assert new.label == "worker.py#Worker.release, new since lesson 01"
+    assert new.markdown.splitlines()[1:-1] == [
+        "--- /dev/null",
+        "+++ 02-second/worker.py#Worker.release",
+        "@@ -0,0 +1,3 @@",
+        "+@functools.cache",
+        "+def release(self, task):",
+        "+    self.queue.append(task)",
+    ]
+    first = docgen.code_diff(fake_repo / "lessons" / "01-first", "worker.py#pick")
+    assert first.label == "worker.py#pick, new"
+    assert "--- /dev/null" in first.markdown and "+task = self.queue.pop()" in first.markdown
+
+    _write(fake_repo / "lessons" / "02-second" / "main.py", MAIN_PY)
+    same = docgen.code_diff(fake_repo / "lessons" / "02-second", "main.py#demo")
+    assert same == docgen.Block("`main.py#demo` is unchanged since lesson 01-first.", None)
+    with pytest.raises(docgen.DocgenError, match="not in a lesson directory"):
+        docgen.code_diff(fake_repo, "Makefile")
+
+
+def test_fold_wraps_the_markdown_in_details():
+    block = docgen.Block('```diff title="x"\n+a\n+b\n```', "x, diff against lesson 01")
+    assert docgen.folded(block) == "\n".join(
+        [
+            "<details markdown>",
+            "<summary>x, diff against lesson 01 (2 lines)</summary>",
+            "",
+            '```diff title="x"',
+            "+a",
+            "+b",
+            "```",
+            "",
+            "</details>",
+        ]
+    )
+    assert "<summary>Tom &amp; Jerry</summary>" in docgen.folded(block, "Tom & Jerry")
+    # What write puts in an indented region, and how an output's body is read back.
+    body = docgen.wrap_body(docgen.folded(block), "  ")
+    assert body.startswith("\n  <details markdown>\n  <summary>") and "\n\n  ```diff" in body
+    assert docgen.unwrap_body(body, "  ") == block.markdown
 
 
 def test_fence_outgrows_backticks_in_the_content():
@@ -275,6 +410,13 @@ def test_write_then_check_round_trip(fake_repo, capsys):
     assert 'print("task", uuid.uuid4(), "claimed by pid 4242")' in readme
     assert "task <uuid-1> claimed by pid <pid-1>\ntook <duration>" in readme
     assert re.search(r"<!-- begin generated: output sources=[0-9a-f]{12} -->", readme)
+    # Folded: the diffs and the whole first schema; not the sentence about unchanged queries.
+    assert "<summary>sql/schema.sql, diff against lesson 01 (10 lines)</summary>" in readme
+    assert readme.count("<details markdown>") == 1
+    first = (fake_repo / "lessons" / "01-first" / "README.md").read_text()
+    assert "<summary>sql/schema.sql (4 lines)</summary>" in first
+    assert "<summary>sql/queries.sql (4 lines)</summary>" in first
+    assert "+    self.claimed += 1" in readme
     assert docgen.check(fake_repo) == []
     assert docgen.write(fake_repo, log=_quiet) == []  # idempotent, no rerun needed
 
@@ -294,6 +436,46 @@ def test_write_then_check_round_trip(fake_repo, capsys):
     assert "run `make docs-generate`" in capsys.readouterr().err
     docgen.write(fake_repo, log=_quiet)
     assert docgen.main(["--root", str(fake_repo), "check"]) == 0
+
+
+def test_check_finds_a_stale_code_diff(fake_repo):
+    docgen.write(fake_repo, output_policy="never", log=_quiet)
+    worker = fake_repo / "lessons" / "01-first" / "worker.py"
+    worker.write_text(WORKER_01.replace("return task", "return None"))
+    stale = [
+        (item.path.parent.name, item.spec_text, item.reason)
+        for item in docgen.check(fake_repo)
+        if item.spec_text.startswith("code-diff")
+    ]
+    assert stale == [
+        ("01-first", "code-diff worker.py#Worker.claim", "differs from what the sources generate"),
+        ("02-second", "code-diff worker.py#Worker.claim", "differs from what the sources generate"),
+    ]
+    docgen.write(fake_repo, output_policy="never", log=_quiet)
+    readme = (fake_repo / "lessons" / "02-second" / "README.md").read_text()
+    assert "-    return None\n+    task = self.queue.pop(0)\n+    self.claimed += 1\n" in readme
+    assert not [item for item in docgen.check(fake_repo) if item.spec_text != "output"]
+
+
+def test_folding_a_recorded_output_needs_no_rerun(fake_repo):
+    docgen.write(fake_repo, ["02-second"], log=_quiet)
+    readme = fake_repo / "lessons" / "02-second" / "README.md"
+    unfolded = readme.read_text()
+    marker = re.search(r"<!-- begin generated: output sources=\w+", unfolded)
+    assert marker
+    readme.write_text(unfolded.replace(marker[0], marker[0] + " fold"))
+    [stale] = [item for item in docgen.check(fake_repo) if item.path == readme]
+    assert stale.reason == "differs from what the sources generate"
+
+    docgen.write(fake_repo, ["02-second"], output_policy="never", log=_quiet)
+    folded = readme.read_text()
+    assert "<summary>Output of python main.py (2 lines)</summary>" in folded
+    assert "task <uuid-1> claimed by pid <pid-1>\ntook <duration>" in folded
+    assert [item for item in docgen.check(fake_repo) if item.path == readme] == []
+    # And back: the same output, unfolded.
+    readme.write_text(folded.replace(marker[0] + " fold", marker[0]))
+    docgen.write(fake_repo, ["02-second"], output_policy="never", log=_quiet)
+    assert readme.read_text() == unfolded
 
 
 def test_write_one_lesson_and_skip_output(fake_repo):
@@ -341,9 +523,21 @@ def _lessons_on_site(root: Path) -> list[Path]:
     return [lesson for lesson in docgen.discover_lessons(root) if (lesson / "README.md").is_file()]
 
 
-def test_site_builds_strictly_with_a_page_per_lesson(tmp_path):
-    site = tmp_path / "site"
-    build_site(REPO_ROOT, site)
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The real site, built once for the tests that only read it."""
+    site_dir = tmp_path_factory.mktemp("site")
+    build_site(REPO_ROOT, site_dir)
+    return site_dir
+
+
+def _site_page(markdown: Path) -> str:
+    """Where a lesson's Markdown page is on the site: `lessons/NN-name/` or `.../more/`."""
+    lesson = f"lessons/{markdown.parent.name}/"
+    return lesson if markdown.name == "README.md" else f"{lesson}{markdown.stem}/"
+
+
+def test_site_builds_strictly_with_a_page_per_lesson(site):
     assert (site / "index.html").is_file()
     for lesson in _lessons_on_site(REPO_ROOT):
         page = (site / "lessons" / lesson.name / "index.html").read_text()
@@ -351,10 +545,13 @@ def test_site_builds_strictly_with_a_page_per_lesson(tmp_path):
         assert 'href="main.py/"' in page
         assert (site / "lessons" / lesson.name / "main.py" / "index.html").is_file()
         assert f"edit/main/lessons/{lesson.name}/README.md" in page
+        for more in docgen.lesson_pages(lesson)[1:]:
+            page = (site / _site_page(more) / "index.html").read_text()
+            assert f"edit/main/lessons/{lesson.name}/{more.name}" in page
 
 
-def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
-    """The hook on a repository of its own: lesson pages, source pages, GitHub links."""
+def _make_site_config(fake_repo: Path) -> None:
+    """The repository's mkdocs.yml and hooks in the fake repository, with a nav of its own."""
     config = (REPO_ROOT / "mkdocs.yml").read_text()
     nav_start = config.index("\nnav:\n")
     nav_end = config.index("\ntheme:\n")
@@ -362,6 +559,11 @@ def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
     _write(fake_repo / "mkdocs.yml", config)
     shutil.copytree(REPO_ROOT / "docs" / "hooks", fake_repo / "docs" / "hooks")
     shutil.copy(REPO_ROOT / "docs" / "index.md", fake_repo / "docs" / "index.md")
+
+
+def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
+    """The hook on a repository of its own: lesson pages, source pages, GitHub links."""
+    _make_site_config(fake_repo)
     docgen.write(fake_repo, log=_quiet)
 
     log = build_site(fake_repo, tmp_path / "site")
@@ -377,8 +579,125 @@ def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
     assert f'href="{github}/blob/main/lessons/03-third/README.md"' in page
     assert f'href="{github}/edit/main/lessons/02-second/README.md"' in page
     assert "language-diff" in page and "task &lt;uuid-1&gt; claimed by pid" in page
+    # A folded region: collapsed, its Markdown rendered inside (a highlighted code block).
+    summary = "<summary>sql/schema.sql, diff against lesson 01 (10 lines)</summary>"
+    assert re.search(re.escape(summary) + r'\s*<div class="language-diff highlight">', page)
     source = (tmp_path / "site" / "lessons" / "02-second" / "main.py" / "index.html").read_text()
     assert "uuid4" in source and 'href="../"' in source
+
+
+PART_2 = """\
+# Lesson 02, part 2: More
+
+Back to [the first part](README.md#run), on to [main.py](main.py) and
+[lesson 01](../01-first/README.md).
+
+<!-- begin generated: code main.py#demo -->
+<!-- end generated -->
+
+## Details
+"""
+
+
+def test_a_lesson_may_go_on_in_more_pages(fake_repo, tmp_path):
+    """A Markdown file beside a lesson's README: regions written and checked, a page of its own."""
+    lesson = fake_repo / "lessons" / "02-second"
+    part_2 = _write(lesson / "part-2.md", PART_2)
+    readme = lesson / "README.md"
+    readme.write_text(readme.read_text() + "\nContinue: [part 2](part-2.md#details)\n")
+
+    changed = docgen.write(fake_repo, ["02-second"], output_policy="never", log=_quiet)
+    assert changed == [readme, part_2]
+    assert 'print("task", uuid.uuid4(), "claimed by pid 4242")' in part_2.read_text()
+    part_2.write_text(PART_2)
+    assert [(item.path, item.spec_text) for item in docgen.check(fake_repo)][-1] == (
+        part_2,
+        "code main.py#demo",
+    )
+    docgen.write(fake_repo, log=_quiet)
+    assert docgen.check(fake_repo) == []
+
+    _make_site_config(fake_repo)
+    site = tmp_path / "site"
+    build_site(fake_repo, site)
+    page = (site / "lessons" / "02-second" / "part-2" / "index.html").read_text()
+    github = "https://github.com/durable-execution-the-hard-way/python"
+    # Its links rewritten as the README's are, and its edit button on the file itself.
+    assert 'href="../#run"' in page
+    assert 'href="../main.py/"' in page
+    assert 'href="../../01-first/"' in page
+    assert f'href="{github}/edit/main/lessons/02-second/part-2.md"' in page
+    assert "claimed by pid 4242" in page
+    readme_page = (site / "lessons" / "02-second" / "index.html").read_text()
+    assert 'href="part-2/#details"' in readme_page
+    # A page, not a source file: no page of its text, not in the lesson's list of files.
+    assert not (site / "lessons" / "02-second" / "part-2.md").exists()
+    assert "part-2.md" not in readme_page.replace(f"{github}/edit/main/lessons/02-second/", "")
+    # In the navigation right after its lesson's page (seen from lesson 01's: home, 01, 02...).
+    first = (site / "lessons" / "01-first" / "index.html").read_text()
+    nav = re.findall(r'<a href="([^"#]*)" class="md-nav__link', first)
+    assert nav == ["../..", "./", "../02-second/", "../02-second/part-2/"]
+
+
+MERMAID_HOOK = REPO_ROOT / "docs" / "hooks" / "mermaid.py"
+MERMAID_SCRIPT_RE = re.compile(r'<script src="(?:\.\./)*assets/javascripts/mermaid\.min\.js">')
+needs_npm = pytest.mark.skipif(
+    shutil.which("npm") is None, reason="needs npm, to fetch mermaid from the npm registry"
+)
+
+
+@needs_npm
+def test_site_serves_the_pinned_mermaid_on_pages_with_diagrams(site):
+    """No CDN: the site carries the mermaid that docs/hooks/mermaid.py pins, checksum included."""
+    pinned = re.search(r'MERMAID_SHA256 = "([0-9a-f]{64})"', MERMAID_HOOK.read_text())
+    assert pinned, "docs/hooks/mermaid.py pins no checksum"
+    served = site / "assets" / "javascripts" / "mermaid.min.js"
+    assert hashlib.sha256(served.read_bytes()).hexdigest() == pinned[1]
+
+    with_diagrams = 0
+    for page in site.rglob("index.html"):
+        text = page.read_text()
+        has_diagram = '<pre class="mermaid">' in text
+        with_diagrams += has_diagram
+        loads_mermaid = len(MERMAID_SCRIPT_RE.findall(text))
+        assert loads_mermaid == has_diagram, f"{page.relative_to(site)}: {loads_mermaid} scripts"
+    assert with_diagrams >= 3  # the concepts page and lesson pages have diagrams
+
+
+def _load_mermaid_hook():
+    spec = importlib.util.spec_from_file_location("mermaid_hook", MERMAID_HOOK)
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    return hook
+
+
+def test_mermaid_hook_keeps_only_the_pinned_release(tmp_path, monkeypatch):
+    """A stand-in for npm packs a tarball; the hook keeps its script only if the checksum holds."""
+    hook = _load_mermaid_hook()
+    script = b"window.mermaid = {};"
+    fake_npm = _write(
+        tmp_path / "npm",
+        f"""#!{sys.executable}
+import io, tarfile
+name = "mermaid-{hook.MERMAID_VERSION}.tgz"
+with tarfile.open(name, "w:gz") as archive:
+    info = tarfile.TarInfo("package/dist/mermaid.min.js")
+    info.size = {len(script)}
+    archive.addfile(info, io.BytesIO({script!r}))
+""",
+    )
+    fake_npm.chmod(0o755)
+    target = tmp_path / "share" / "mermaid.min.js"
+
+    with pytest.raises(PluginError, match="not the pinned"):
+        hook.fetch_mermaid(target, str(fake_npm))
+    assert not target.parent.exists()  # nothing kept
+
+    monkeypatch.setattr(hook, "MERMAID_SHA256", hashlib.sha256(script).hexdigest())
+    hook.fetch_mermaid(target, str(fake_npm))
+    assert target.read_bytes() == script
+    assert [path.name for path in target.parent.iterdir()] == ["mermaid.min.js"]
 
 
 # --- rendering in a browser ------------------------------------------------------------------
@@ -389,40 +708,6 @@ def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
 EXPOSE_SHADOW_DOM = (
     b"<script>Element.prototype.attachShadow = function () { return this; };</script>"
 )
-
-
-@pytest.fixture(scope="session")
-def mermaid_js(pytestconfig, tmp_path_factory) -> Path:
-    """A local mermaid 11 (what the theme would load from its CDN), from the npm registry.
-
-    Kept in pytest's cache directory, so it is fetched once per checkout.
-    """
-    if getattr(pytestconfig, "cache", None) is not None:
-        cache = pytestconfig.cache.mkdir("mermaid")
-    else:
-        cache = tmp_path_factory.mktemp("mermaid")
-    cached = sorted(cache.glob("mermaid-*.min.js"))
-    if cached:
-        return cached[-1]
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: no local mermaid to render diagrams with")
-    result = subprocess.run(
-        [npm, "pack", "mermaid@11", "--silent", "--pack-destination", str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"`npm pack mermaid@11` failed: {result.stderr.strip()[-300:]}")
-    tarball = cache / result.stdout.strip().splitlines()[-1]
-    target = cache / tarball.name.replace(".tgz", ".min.js")
-    with tarfile.open(tarball) as archive:
-        member = archive.extractfile("package/dist/mermaid.min.js")
-        assert member is not None
-        target.write_bytes(member.read())
-    tarball.unlink()
-    return target
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -456,9 +741,7 @@ class _BytesFile:
 
 
 @pytest.fixture
-def served_site(tmp_path, mermaid_js) -> Iterator[tuple[str, Path]]:
-    site = tmp_path / "site"
-    build_site(REPO_ROOT, site, env={"HARDWAY_MERMAID_JS": str(mermaid_js)})
+def served_site(site) -> Iterator[tuple[str, Path]]:
     handler = functools.partial(_Handler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -471,11 +754,16 @@ def served_site(tmp_path, mermaid_js) -> Iterator[tuple[str, Path]]:
 
 
 def chromium(*args: str, profile: Path, timeout: float = 90) -> str:
-    """Run headless Chromium as this machine allows (root, no network); return its stdout."""
+    """Run headless Chromium as this machine allows (root); return its stdout.
+
+    Offline, wherever it runs: every host name but 127.0.0.1 fails to resolve, so a page that
+    needs the internet (a script from a CDN) fails here as it would for a reader without it.
+    """
     command = [
         str(CHROMIUM),
         "--headless",
         "--no-sandbox",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--disable-gpu",
         "--disable-quic",
         "--no-first-run",
@@ -519,16 +807,28 @@ def _expected_blocks(readme: str) -> list[tuple[str, str]]:
     return blocks
 
 
+# A diagram left as text: its source in a <pre>, where the theme would have put an SVG.
+RAW_DIAGRAM_RE = re.compile(
+    r"<pre[^>]*>\s*<code>\s*(?:sequenceDiagram|stateDiagram|flowchart|graph)\b"
+)
+
+
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
 )
+@needs_npm
 @pytest.mark.timeout(600)
 def test_pages_render_in_a_browser(served_site, tmp_path):
-    """Diagrams become SVG, and each lesson page shows its diffs, code and output."""
+    """Offline, diagrams become SVG, and each lesson page shows its diffs, code and output."""
     url, site = served_site
     pages = ["", "concepts/", "postgres/", "sqlc/", "comparison/", "contributing-docs/"]
-    lessons = _lessons_on_site(REPO_ROOT)
-    pages += [f"lessons/{lesson.name}/" for lesson in lessons]
+    # Every page of every lesson: its README's, and the other pages it goes on in, if any.
+    lesson_pages = {
+        _site_page(markdown): markdown
+        for lesson in _lessons_on_site(REPO_ROOT)
+        for markdown in docgen.lesson_pages(lesson)
+    }
+    pages += list(lesson_pages)
 
     def dump(page: str) -> str:
         profile = tmp_path / f"profile-{pages.index(page)}"
@@ -538,17 +838,21 @@ def test_pages_render_in_a_browser(served_site, tmp_path):
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         doms = dict(zip(pages, pool.map(dump, pages), strict=True))
 
+    all_diagrams = 0
     for page, dom in doms.items():
         built = (site / page / "index.html").read_text()
         diagrams = built.count('<pre class="mermaid">')
+        all_diagrams += diagrams
         rendered = re.findall(r'<div class="mermaid"><svg[^>]*>(.*?)</svg>', dom, re.S)
         assert len(rendered) == diagrams, f"{page}: {len(rendered)} of {diagrams} diagrams rendered"
         assert all("<g" in svg for svg in rendered), f"{page}: an empty diagram"
+        assert not RAW_DIAGRAM_RE.search(dom), f"{page}: a diagram shows as raw text"
         assert "Syntax error" not in dom, f"{page}: mermaid could not parse a diagram"
 
-        lesson = next((les for les in lessons if page == f"lessons/{les.name}/"), None)
-        if lesson is not None:
+        markdown = lesson_pages.get(page)
+        if markdown is not None:
             text = _text(dom)
-            for language, line in _expected_blocks((lesson / "README.md").read_text()):
+            for language, line in _expected_blocks(markdown.read_text()):
                 assert f"language-{language}" in dom, f"{page}: no {language} block"
                 assert line in text, f"{page}: missing generated line {line!r}"
+    assert all_diagrams >= 3, f"only {all_diagrams} diagrams on the pages checked"

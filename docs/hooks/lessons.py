@@ -6,14 +6,14 @@ where their links are plain relative paths (`main.py`, `../02-simple-task-queue/
 
 - one page per lesson directory (`lessons/NN-name/README.md` -> `lessons/NN-name/`), created at
   build time and listed under "Lessons" in the navigation, so a new lesson needs no stub;
+- one page more for each other Markdown file of a lesson directory, for a lesson too long for
+  one page (`lessons/NN-name/more.md` -> `lessons/NN-name/more/`), listed right after the
+  lesson's page, by file name;
 - one page per source file of every lesson and of `lessons/hardway/` (`lessons/02-.../main.py`
   -> `lessons/02-.../main.py/`, highlighted, with line numbers), so links to code work offline;
 - links that leave `docs/` are resolved against the repository and pointed at those pages, at
   the home page (root README) or, for any other repository file, at GitHub;
 - the edit button opens the file the text really lives in (the README, not a stub).
-
-It also serves a local copy of mermaid when `HARDWAY_MERMAID_JS` names one (offline reading and
-the rendering test); otherwise the theme loads mermaid from its CDN as usual.
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-from hardway.docgen import discover_lessons, fenced, language_for
+from hardway.docgen import discover_lessons, fenced, language_for, lesson_pages
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.structure.files import File, Files, InclusionLevel
 from mkdocs.structure.pages import Page
 
 log = logging.getLogger("mkdocs.hooks.lessons")
 
-MERMAID_ENV = "HARDWAY_MERMAID_JS"
-MERMAID_URI = "assets/javascripts/mermaid.min.js"
 SKIPPED_PARTS = {"__pycache__", "node_modules"}
 SKIPPED_SUFFIXES = {".pyc", ".pyo", ".so"}
 
@@ -56,6 +54,11 @@ def _lessons_with_readme(root: Path) -> list[Path]:
     return [lesson for lesson in discover_lessons(root) if (lesson / "README.md").is_file()]
 
 
+def _extra_pages(lesson: Path) -> list[Path]:
+    """The Markdown pages of a lesson beside its README."""
+    return lesson_pages(lesson)[1:]
+
+
 def on_config(config: MkDocsConfig) -> MkDocsConfig:
     SITE.root = Path(config.config_file_path).resolve().parent
     SITE.lessons = _lessons_with_readme(SITE.root)
@@ -65,18 +68,25 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
     SITE.blob_url = f"{repo}/blob/{branch}/"
     SITE.tree_url = f"{repo}/tree/{branch}/"
 
-    lesson_pages = [f"lessons/{lesson.name}/index.md" for lesson in SITE.lessons]
+    # A lesson's other pages follow its page in the list, not in a section of their own: a
+    # section would show the lesson's title twice (as the section's, and as its README's).
+    # Their titles say which lesson they continue ("Lesson 04, part 2: ...").
+    lessons_nav = [
+        f"lessons/{lesson.name}/{page}"
+        for lesson in SITE.lessons
+        for page in ["index.md", *(path.name for path in _extra_pages(lesson))]
+    ]
     for entry in config.nav or []:
         if isinstance(entry, dict) and "Lessons" in entry:
-            entry["Lessons"] = lesson_pages
-    if os.environ.get(MERMAID_ENV):
-        config.extra_javascript.append(MERMAID_URI)
+            entry["Lessons"] = lessons_nav
     return config
 
 
 def _embedded_files(root: Path) -> list[Path]:
     """Source files the site shows as pages: every lesson's files and the shared package's."""
     dirs = [*SITE.lessons, root / "lessons" / "hardway"]
+    # A lesson's Markdown pages are pages of their own, not source files.
+    pages = {page for lesson in SITE.lessons for page in lesson_pages(lesson)}
     found = []
     for directory in dirs:
         for path in sorted(directory.rglob("*")):
@@ -85,7 +95,7 @@ def _embedded_files(root: Path) -> list[Path]:
                 continue
             if any(part.startswith(".") or part.endswith(".egg-info") for part in parts):
                 continue
-            if path.suffix in SKIPPED_SUFFIXES or path == directory / "README.md":
+            if path.suffix in SKIPPED_SUFFIXES or path in pages:
                 continue
             found.append(path)
     return found
@@ -156,6 +166,18 @@ def _lesson_page(config: MkDocsConfig, lesson: Path, sources: list[Path]) -> Fil
     return file
 
 
+def _extra_page(config: MkDocsConfig, path: Path) -> File:
+    """The page of a lesson's Markdown file other than its README, at the same path."""
+    relative = path.relative_to(SITE.root).as_posix()
+    content = f'{{% include-markdown "{path}" %}}\n'
+    file = File.generated(config, relative, content=content)
+    # As for the lesson page: the include plugin rewrites links as seen from this path.
+    file.abs_src_path = str(Path(config.docs_dir) / relative)
+    file.edit_uri = relative
+    SITE.pages[relative] = relative
+    return file
+
+
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     SITE.pages = {"README.md": "index.md"}
     # Hand-written pages live in docs/: their edit button must say so.
@@ -172,10 +194,8 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
             files.append(page)
     for lesson in SITE.lessons:
         files.append(_lesson_page(config, lesson, sources))
-
-    mermaid = os.environ.get(MERMAID_ENV)
-    if mermaid:
-        files.append(File.generated(config, MERMAID_URI, abs_src_path=mermaid))
+        for path in _extra_pages(lesson):
+            files.append(_extra_page(config, path))
     return files
 
 

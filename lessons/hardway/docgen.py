@@ -23,6 +23,21 @@ same text serves both. Kinds:
     `# endregion` (`-- region: REGION` and `-- endregion` in SQL). Every marker line, including
     those of regions nested inside, is dropped, and the excerpt is dedented. Fenced with the
     language of the file's extension and a `title` naming the file, which GitHub ignores.
+    In a Python file without such a region, REGION may name a function or class by its path
+    from the top of the module (`worker.py#Worker.claim`, `main.py#main`), found with `ast`:
+    its lines, decorators included. Only the full path: a bare method name could be any
+    class's, and is often a region's name already (worker.py has a region `claim` and a
+    method `Worker.claim`).
+
+`code-diff FILE#REGION` (or `code-diff FILE` for the whole file)
+    A unified diff of that same excerpt (a region, or a function or class) against the
+    excerpt of the same name in the same file of the previous lesson (FILE's lesson directory
+    with the next lower number): what changed in the Python since then. The header lines name
+    both files with the excerpt (`--- 04-.../worker.py#Worker.context`), and the `@@` line
+    numbers count lines of the excerpt, not of the file. An excerpt that the previous lesson
+    does not have (nor the file) is new: the diff is the whole excerpt, every line `+`, from
+    `/dev/null`. An unchanged excerpt gives one sentence saying so. Attribute `context=N` as
+    for the SQL diffs.
 
 `output [SCRIPT ARGS...]`
     What `python SCRIPT ARGS...` (default `python main.py`), run in SCRIPT's directory with a
@@ -34,15 +49,24 @@ same text serves both. Kinds:
     from run to run. Attributes:
     `exit=N` (expected exit status, default 0), `timeout=SECONDS` (default 300).
 
+Every kind takes the attribute `fold`: the region is collapsed, showing one line that opens
+it, by default what it holds and its length ("sql/schema.sql, diff against lesson 04 (62
+lines)"), or the text given as `fold="..."`. It is an HTML `<details>` block with blank lines
+around the Markdown inside: GitHub renders that Markdown, and so does the site, with the
+`md_in_html` extension and the block's `markdown` attribute. A region of one sentence
+("unchanged since ...") is not folded: hiding one line behind another would hide nothing.
+
 Commands (from the repository root, with the virtual environment's Python):
 
     python -m hardway.docgen write [--lesson NAME]... [--rerun-output | --skip-output]
     python -m hardway.docgen check
 
-`write` rewrites every region of the root README, every lesson README and every page under
-`docs/`. It reruns a program only when the recorded hash no longer matches its sources (or
-always, with `--rerun-output`). `check` recomputes the diffs and excerpts and compares them
-exactly, compares the output hashes, and exits 1 with a list of stale regions.
+`write` rewrites every region of the root README, every page of every lesson (its README and
+any other Markdown file in the lesson directory) and every page under `docs/`. It reruns a
+program only when the recorded hash no longer matches its sources (or always, with
+`--rerun-output`). `check` recomputes the diffs and excerpts and compares them exactly, compares
+the output hashes (and how each recorded output is folded), and exits 1 with a list of stale
+regions.
 
 The program runs with the environment as it is, so it uses `DATABASE_URL` when that is set and
 the embedded server otherwise. `PYTHONUNBUFFERED=1` keeps stdout and stderr in the order a
@@ -66,13 +90,26 @@ where the program's behaviour differs:
 7. Process ids after `pid` (`pid 4242`, `pid=4242`, `PID: 4242`) become `<pid-1>`, ...
 8. Hexadecimal ids: `0x7f3a9c` becomes `0x<hex-1>`; a bare word of 8 or more hex digits with at
    least one digit and one letter (`9f86d081884c`) becomes `<hex-1>`, numbered like UUIDs.
+
+Why not cog (cogapp), the well-kept tool for generated regions? It would replace the parsing and
+replacing of regions here (Spec, Region, parse_regions, replace_regions and the loops of write:
+about 150 lines), not the rest, which is what its generators would call: the diffs, excerpts,
+runs, normalisation and hashes. In exchange, every marker would hold Python (`<!-- [[[cog import
+hardway.docgen as g; g.schema_diff()]]] -->` ... `<!-- [[[end]]] -->`) for authors to write and
+readers of the raw Markdown to skip; cog finds its markers anywhere, fenced code included, so the
+page that shows the syntax would be processed too; and `cog --check` reruns every generator, so
+the slow demos, whose interleavings vary, would need their sources hash kept in their output and
+generators that return `cog.previous` when it matches. One more dependency and noisier READMEs
+to save 150 plain lines: the project keeps its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import hashlib
+import html
 import os
 import re
 import shlex
@@ -92,6 +129,8 @@ REGENERATE_HINT = "run `make docs-generate`"
 BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)<!-- begin generated: (?P<spec>.*?) -->[ \t]*$")
 END_RE = re.compile(r"^[ \t]*<!-- end generated -->[ \t]*$")
 FENCE_RE = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})")
+# Attributes that may stand alone, without `=value`: `fold` means "fold, with the usual summary".
+FLAGS = ("fold",)
 
 
 class DocgenError(Exception):
@@ -126,6 +165,18 @@ def enclosing_lesson(path: Path) -> Path | None:
     return None
 
 
+def lesson_pages(lesson: Path) -> list[Path]:
+    """The Markdown pages of a lesson: its README, then the pages beside it, by file name.
+
+    A lesson too long for one page goes on in more pages in its directory
+    (`lessons/04-.../stopping-surviving-scheduling.md`): plain linked files on GitHub, pages
+    listed under the lesson on the site (docs/hooks/lessons.py).
+    """
+    readme = lesson / "README.md"
+    others = sorted(path for path in lesson.glob("*.md") if path != readme and path.is_file())
+    return [readme, *others] if readme.is_file() else others
+
+
 # --- parsing regions -------------------------------------------------------------------------
 
 
@@ -148,15 +199,18 @@ class Spec:
         spec = cls(tokens[0])
         for token in tokens[1:]:
             key, sep, value = token.partition("=")
-            if sep and re.fullmatch(r"[a-z][a-z0-9_-]*", key):
+            if (sep and re.fullmatch(r"[a-z][a-z0-9_-]*", key)) or token in FLAGS:
                 spec.attrs[key] = value
             else:
                 spec.args.append(token)
         return spec
 
     def render(self) -> str:
-        parts = [self.kind, *self.args, *(f"{key}={value}" for key, value in self.attrs.items())]
-        return shlex.join(parts)
+        attrs = [
+            key if key in FLAGS and not value else f"{key}={shlex.quote(value)}"
+            for key, value in self.attrs.items()
+        ]
+        return " ".join([shlex.join([self.kind, *self.args]), *attrs])
 
 
 @dataclass
@@ -280,10 +334,43 @@ def wrap_body(markdown: str, indent: str) -> str:
     return "\n".join(indent + line if line else "" for line in lines)
 
 
+def unwrap_body(body: str, indent: str) -> str:
+    """The Markdown of a region body that wrap_body wrote, without the fold around it, if any."""
+    markdown = "\n".join(line.removeprefix(indent) for line in body.split("\n")).strip("\n")
+    if markdown.startswith("<details"):
+        # <details markdown>, <summary>...</summary>, blank, the Markdown, blank, </details>
+        markdown = "\n".join(markdown.split("\n")[3:-2])
+    return markdown
+
+
+@dataclass
+class Block:
+    """The Markdown of one region, and what it holds, in a few words (for `fold`)."""
+
+    markdown: str
+    # "sql/schema.sql, diff against lesson 04": a folded region shows it with its length.
+    # None when the Markdown is one sentence, which is never folded.
+    label: str | None
+
+
+def folded(block: Block, summary: str | None = None) -> str:
+    """The block's Markdown collapsed under one line: `summary`, or its label and length."""
+    if summary is None:
+        length = block.markdown.count("\n") - 1  # the lines between the fences
+        summary = f"{block.label} ({length} line{'s' if length != 1 else ''})"
+    heading = f"<summary>{html.escape(summary, quote=False)}</summary>"
+    # The blank lines make GitHub render the Markdown inside; `markdown` makes the site do it.
+    return "\n".join(["<details markdown>", heading, "", block.markdown, "", "</details>"])
+
+
+def lesson_number(lesson: Path) -> str:
+    return lesson.name.split("-", 1)[0]
+
+
 # --- schema-diff / queries-diff --------------------------------------------------------------
 
 
-def sql_diff(lesson: Path, relpath: str, context: int = 3) -> str:
+def sql_diff(lesson: Path, relpath: str, context: int = 3) -> Block:
     """Markdown showing how `lesson/relpath` differs from the previous lesson's file."""
     current_file = lesson / relpath
     if not current_file.is_file():
@@ -291,10 +378,10 @@ def sql_diff(lesson: Path, relpath: str, context: int = 3) -> str:
     current = current_file.read_text()
     previous = previous_lesson(lesson)
     if previous is None or not (previous / relpath).is_file():
-        return fenced(current, language_for(relpath), title=relpath)
+        return Block(fenced(current, language_for(relpath), title=relpath), relpath)
     before = (previous / relpath).read_text()
     if before == current:
-        return f"`{relpath}` is unchanged since lesson {previous.name}."
+        return Block(f"`{relpath}` is unchanged since lesson {previous.name}.", None)
     diff = difflib.unified_diff(
         before.splitlines(),
         current.splitlines(),
@@ -303,7 +390,8 @@ def sql_diff(lesson: Path, relpath: str, context: int = 3) -> str:
         n=context,
         lineterm="",
     )
-    return fenced("\n".join(diff), "diff", title=relpath)
+    label = f"{relpath}, diff against lesson {lesson_number(previous)}"
+    return Block(fenced("\n".join(diff), "diff", title=relpath), label)
 
 
 # --- code ------------------------------------------------------------------------------------
@@ -311,15 +399,23 @@ def sql_diff(lesson: Path, relpath: str, context: int = 3) -> str:
 REGION_MARKER_RE = re.compile(r"^\s*(?:#|--)\s*(?:region:\s*(?P<name>\S+)|(?P<end>endregion))\b")
 
 
+class MissingExcerpt(DocgenError):
+    """A file has no region (nor, in Python, function or class) of the name asked for."""
+
+
 def extract_code(path: Path, region: str | None) -> str:
-    """The lines of `path` in region `region` (all of it if None), markers dropped, dedented."""
+    """The lines of `path` in region `region` (all of it if None), markers dropped, dedented.
+
+    In a Python file without that region, `region` may name a function or class instead.
+    """
     if not path.is_file():
         raise DocgenError(f"{path} does not exist")
+    text = path.read_text()
     stack: list[str] = []
     seen: set[str] = set()
     picked: list[str] = []
     state, depth = "before", 0  # before -> inside -> after the wanted region
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         marker = REGION_MARKER_RE.match(line)
         if marker and marker["name"]:
             name = marker["name"]
@@ -340,28 +436,98 @@ def extract_code(path: Path, region: str | None) -> str:
     if stack:
         raise DocgenError(f"{path}: region {stack[-1]!r} has no endregion")
     if region is not None and state == "before":
-        raise DocgenError(f"{path}: no region {region!r} (mark it with `# region: {region}`)")
+        span = definition_span(path, text, region) if path.suffix == ".py" else None
+        if span is None:
+            hint = ", nor a function or class of that name" if path.suffix == ".py" else ""
+            raise MissingExcerpt(
+                f"{path}: no region {region!r} (mark it with `# region: {region}`){hint}"
+            )
+        first, last = span
+        lines = text.splitlines()[first - 1 : last]
+        picked = [line for line in lines if not REGION_MARKER_RE.match(line)]
     result = textwrap.dedent("\n".join(picked)).strip("\n")
     if not result:
         raise DocgenError(f"{path}: region {region!r} is empty")
     return result
 
 
-def code_region(base: Path, target: str, root: Path | None = None) -> str:
-    """Markdown for `code FILE#REGION`, FILE relative to `base`.
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
-    The title names the file relative to `base` when it is inside it (`main.py`), otherwise
-    relative to the repository `root` (`lessons/01-prerequisites/main.py`).
-    """
-    file_part, _, region = target.partition("#")
-    path = base / file_part
-    content = extract_code(path, region or None)
-    title = file_part
-    resolved = path.resolve()
+
+def definition_span(path: Path, text: str, qualname: str) -> tuple[int, int] | None:
+    """The first and last line (from 1) of function or class `qualname` (`Worker.claim`) in
+    the Python `text`, decorators included, or None. If a name is defined twice, the first."""
+    try:
+        body = ast.parse(text, str(path)).body
+    except SyntaxError as err:
+        raise DocgenError(f"{path}: cannot parse: {err}") from None
+    found: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | None = None
+    for name in qualname.split("."):
+        found = next(
+            (node for node in body if isinstance(node, DEFINITIONS) and node.name == name), None
+        )
+        if found is None:
+            return None
+        body = found.body
+    assert found is not None
+    first = min([found.lineno, *(decorator.lineno for decorator in found.decorator_list)])
+    return first, found.end_lineno or found.lineno
+
+
+def code_title(base: Path, file_part: str, root: Path | None) -> str:
+    """FILE relative to `base` when it is inside it (`main.py`), otherwise relative to the
+    repository `root` (`lessons/01-prerequisites/main.py`)."""
+    resolved = (base / file_part).resolve()
     if root is not None and not resolved.is_relative_to(base.resolve()):
         if resolved.is_relative_to(root.resolve()):
-            title = resolved.relative_to(root.resolve()).as_posix()
-    return fenced(content, language_for(file_part), title=title)
+            return resolved.relative_to(root.resolve()).as_posix()
+    return file_part
+
+
+def code_region(base: Path, target: str, root: Path | None = None) -> Block:
+    """Markdown for `code FILE#REGION`, FILE relative to `base`."""
+    file_part, _, region = target.partition("#")
+    content = extract_code(base / file_part, region or None)
+    title = code_title(base, file_part, root)
+    label = f"{title}#{region}" if region else title
+    return Block(fenced(content, language_for(file_part), title=title), label)
+
+
+def code_diff(base: Path, target: str, context: int = 3, root: Path | None = None) -> Block:
+    """Markdown for `code-diff FILE#REGION`: the excerpt against the previous lesson's."""
+    file_part, _, region = target.partition("#")
+    path = (base / file_part).resolve()
+    lesson = enclosing_lesson(path)
+    if lesson is None:
+        raise DocgenError(f"code-diff: {path} is not in a lesson directory")
+    current = extract_code(path, region or None)
+    relpath = path.relative_to(lesson).as_posix()
+    excerpt = f"{relpath}#{region}" if region else relpath
+    previous = previous_lesson(lesson)
+    before = None
+    if previous is not None and (previous / relpath).is_file():
+        try:
+            before = extract_code(previous / relpath, region or None)
+        except MissingExcerpt:
+            pass  # new in this lesson
+    if previous is None or before is None:
+        since = f" since lesson {lesson_number(previous)}" if previous else ""
+        old_lines, fromfile, label = [], "/dev/null", f"{excerpt}, new{since}"
+    elif before == current:
+        return Block(f"`{excerpt}` is unchanged since lesson {previous.name}.", None)
+    else:
+        old_lines, fromfile = before.splitlines(), f"{previous.name}/{excerpt}"
+        label = f"{excerpt}, diff against lesson {lesson_number(previous)}"
+    diff = difflib.unified_diff(
+        old_lines,
+        current.splitlines(),
+        fromfile=fromfile,
+        tofile=f"{lesson.name}/{excerpt}",
+        n=context,
+        lineterm="",
+    )
+    markdown = fenced("\n".join(diff), "diff", title=code_title(base, file_part, root))
+    return Block(markdown, label)
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -534,37 +700,53 @@ class Stale:
 OUTPUT_POLICIES = ("stale", "always", "never")
 
 
-def generate(path: Path, root: Path, region: Region, output_policy: str) -> tuple[str, str]:
-    """(new spec text, new body) for one region."""
+def render(path: Path, root: Path, region: Region, output_policy: str) -> tuple[str, Block]:
+    """(new spec text, generated Markdown) for one region, before any fold."""
     spec = region.spec
     base = path.parent
     if spec.kind in ("schema-diff", "queries-diff"):
         lesson = (base / spec.args[0]).resolve() if spec.args else base.resolve()
         if not is_lesson_dir(lesson):
             raise DocgenError(f"{spec.kind}: {lesson} is not a lesson directory")
-        try:
-            context = int(spec.attrs.get("context", "3"))
-        except ValueError:
-            raise DocgenError(f"{spec.kind}: context must be a number") from None
         relpath = "sql/schema.sql" if spec.kind == "schema-diff" else "sql/queries.sql"
-        markdown = sql_diff(lesson, relpath, context)
-        return region.spec_text, wrap_body(markdown, region.indent)
-    if spec.kind == "code":
+        return region.spec_text, sql_diff(lesson, relpath, _context(spec))
+    if spec.kind in ("code", "code-diff"):
         if len(spec.args) != 1:
-            raise DocgenError("code takes exactly one FILE#REGION argument")
-        markdown = code_region(base, spec.args[0], root)
-        return region.spec_text, wrap_body(markdown, region.indent)
+            raise DocgenError(f"{spec.kind} takes exactly one FILE#REGION argument")
+        if spec.kind == "code":
+            return region.spec_text, code_region(base, spec.args[0], root)
+        return region.spec_text, code_diff(base, spec.args[0], _context(spec), root)
     if spec.kind == "output":
         run = OutputRun.from_spec(base, spec)
+        label = f"Output of {shlex.join(run.command)}"
         digest = run.sources_hash()
         up_to_date = spec.attrs.get("sources") == digest and region.body.strip()
         if output_policy == "never" or (output_policy == "stale" and up_to_date):
-            return region.spec_text, region.body
+            # The output recorded last time; unwrapped, so that a fold added since applies.
+            return region.spec_text, Block(unwrap_body(region.body, region.indent), label)
         output = normalise_output(run.run(), root)
         spec.attrs["sources"] = digest
-        return spec.render(), wrap_body(fenced(output, "text"), region.indent)
-    kinds = "schema-diff, queries-diff, code, output"
+        return spec.render(), Block(fenced(output, "text"), label)
+    kinds = "schema-diff, queries-diff, code, code-diff, output"
     raise DocgenError(f"unknown region kind {spec.kind!r} (one of: {kinds})")
+
+
+def _context(spec: Spec) -> int:
+    try:
+        return int(spec.attrs.get("context", "3"))
+    except ValueError:
+        raise DocgenError(f"{spec.kind}: context must be a number") from None
+
+
+def generate(path: Path, root: Path, region: Region, output_policy: str) -> tuple[str, str]:
+    """(new spec text, new body) for one region."""
+    spec_text, block = render(path, root, region, output_policy)
+    if not block.markdown:  # an output never recorded, and not run now
+        return spec_text, region.body
+    fold = region.spec.attrs.get("fold")
+    if fold is None or block.label is None:
+        return spec_text, wrap_body(block.markdown, region.indent)
+    return spec_text, wrap_body(folded(block, fold or None), region.indent)
 
 
 def process_file(path: Path, root: Path, output_policy: str = "stale") -> str:
@@ -591,6 +773,7 @@ def check_file(path: Path, root: Path) -> list[Stale]:
     for region in parse_regions(text, str(path)):
         spec = region.spec
         try:
+            reason = None
             if spec.kind == "output":
                 run = OutputRun.from_spec(path.parent, spec)
                 recorded = spec.attrs.get("sources")
@@ -598,9 +781,8 @@ def check_file(path: Path, root: Path) -> list[Stale]:
                     reason = "never generated"
                 elif recorded != run.sources_hash():
                     reason = "sources changed since the output was recorded"
-                else:
-                    continue
-            else:
+            if reason is None:
+                # An output is not rerun: this compares the recorded one, and how it is folded.
                 _, body = generate(path, root, region, "never")
                 if body == region.body:
                     continue
@@ -612,17 +794,17 @@ def check_file(path: Path, root: Path) -> list[Stale]:
 
 
 def markdown_files(root: Path, lessons: list[str] | None = None) -> list[Path]:
-    """The Markdown files that may hold regions: root README, lesson READMEs, docs pages."""
+    """The Markdown files that may hold regions: root README, lesson pages, docs pages."""
     if lessons:
         found = []
         for name in lessons:
             readme = root / "lessons" / name / "README.md"
             if not readme.is_file():
                 raise DocgenError(f"no lesson README {readme}")
-            found.append(readme)
+            found += lesson_pages(readme.parent)
         return found
     candidates = [root / "README.md"]
-    candidates += [lesson / "README.md" for lesson in discover_lessons(root)]
+    candidates += [page for lesson in discover_lessons(root) for page in lesson_pages(lesson)]
     docs = root / "docs"
     candidates += sorted(p for p in docs.rglob("*.md") if "hooks" not in p.relative_to(docs).parts)
     return [path for path in candidates if path.is_file()]
