@@ -87,6 +87,14 @@ def start_worker(server: OwnedServer, dbname: str, lesson, *options: str, **env:
     )
 
 
+def check_running(workers: list[tuple[str, subprocess.Popen]]) -> None:
+    """Fail, showing its log, if a worker process has exited: none may die of an outage."""
+    for lesson_name, process in workers:
+        if process.poll() is not None:
+            _, log = process.communicate()
+            raise AssertionError(f"a worker of {lesson_name} exited ({process.returncode}):\n{log}")
+
+
 def completed(url: str) -> int:
     try:
         return sql(url, "SELECT count(*) FROM tasks WHERE status = 'completed'")[0][0]
@@ -145,11 +153,11 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
                         engine.enqueue("work", -1)
                     assert "connect" in str(unavailable.value), unavailable.value
             time.sleep(10)  # the outage itself: ten seconds without a database
-            assert all(process.poll() is None for _, process in workers), "a worker exited"
+            check_running(workers)
             server.start()
 
             wait_until(lambda: done_everywhere(1.0), timeout=120)
-            assert all(process.poll() is None for _, process in workers), "a worker exited"
+            check_running(workers)
         finally:
             client.close()
             for _, process in workers:
