@@ -132,6 +132,19 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
         def done_everywhere(share: float) -> bool:
             return all(completed(url) >= TASKS * share for url in urls.values())
 
+        def all_connected() -> bool:
+            names = [f"w{n}" for n in range(WORKERS)]
+            query = (
+                "SELECT count(DISTINCT application_name) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = ANY(%s)"
+            )
+            return all(sql(url, query, names)[0][0] == WORKERS for url in urls.values())
+
+        # Every worker past its start-up and connected, before the database goes: a worker that
+        # starts while the database is away exits at once with a one-line error, by design, and
+        # on a loaded machine the last one may start after the others have done the first share.
+        wait_until(all_connected, timeout=60)
+
         # A client whose pool holds a connection from before the restart.
         client = lessons[0].engine.Engine(urls[lessons[0].name])
         try:
