@@ -122,3 +122,10 @@ def engine(lesson, url):
     """That lesson's Engine on that database."""
     with lesson.engine.Engine(url) as engine:
         yield engine
+
+
+@pytest.fixture
+def current_durable_task(lesson):
+    """The lesson's current_durable_task() (lesson 05 on): how a durable function reaches the
+    context that runs its steps."""
+    return lesson.durable.current_durable_task

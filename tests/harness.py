@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+from psycopg import sql as pgsql
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LESSONS_DIR = REPO_ROOT / "lessons"
@@ -105,6 +106,65 @@ def sql(url: str, query: str, *params):
     with psycopg.connect(url, autocommit=True) as conn:
         cur = conn.execute(query, params)
         return cur.fetchall() if cur.description else cur.rowcount
+
+
+def drop_database(server: str, dbname: str) -> None:
+    """Drop a database a lesson's script made for itself (the main.py tests), sessions and all."""
+    statement = pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+        pgsql.Identifier(dbname)
+    )
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(statement)
+
+
+def status_counts(url: str) -> dict[str, int]:
+    """How many tasks have each status."""
+    return dict(sql(url, "SELECT status::text, count(*) FROM tasks GROUP BY 1"))
+
+
+def statuses(tasks) -> list[str]:
+    """The statuses of these tasks (rows or dataclasses), as plain strings."""
+    return [str(task.status) for task in tasks]
+
+
+def once(lesson) -> dict:
+    """Task options for a task whose first failure is final: from lesson 04 on, a task that
+    raises is retried (3 attempts by default), and some tests are about the first outcome."""
+    return {"max_attempts": 1} if hasattr(lesson.engine, "TaskOptions") else {}
+
+
+def add_finished_tasks(conn: psycopg.Connection, count: int, key: str | None = None) -> None:
+    """`count` completed tasks, as a queue that has run a long time piles up; with `key`,
+    every other one under that concurrency key (lesson 03 on). From lesson 04 on, a task that
+    ran has had an attempt (the table checks it)."""
+    [(attempts,)] = conn.execute(
+        "SELECT EXISTS (SELECT FROM information_schema.columns"
+        " WHERE table_name = 'tasks' AND column_name = 'attempts')"
+    ).fetchall()
+    columns, values = (", attempts", ", 1") if attempts else ("", "")
+    if key is not None:
+        columns, values = (
+            columns + ", concurrency_key",
+            values + ", CASE WHEN i %% 2 = 0 THEN %s END",
+        )
+    query = (
+        f"INSERT INTO tasks (name, input, status, worker, started_at, finished_at{columns})"
+        f" SELECT 'noop', 'null', 'completed', 'w', now(), now(){values}"
+        " FROM generate_series(1, %s) AS i"
+    )
+    conn.execute(query, (key, count) if key is not None else (count,))
+
+
+def worker(lesson, engine, name: str = "w", **options):
+    """The lesson's Worker, polling every 20 ms unless told otherwise."""
+    options.setdefault("poll_interval", 0.02)
+    return lesson.worker.Worker(engine, name, **options)
+
+
+def finish(lesson, engine, *task_ids: int, **worker_options) -> list:
+    """Run one worker until every task has finished; return the tasks."""
+    with running(worker(lesson, engine, **worker_options)):
+        return [engine.wait(task_id, timeout=60) for task_id in task_ids]
 
 
 def lesson_env(database_url: str, dbname: str | None = None) -> dict[str, str]:

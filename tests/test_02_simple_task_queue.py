@@ -23,13 +23,17 @@ import psycopg
 import pytest
 from hardway import postgres
 from harness import (
+    add_finished_tasks,
+    drop_database,
     import_lesson,
     lesson_dir,
     lesson_env,
     lessons_from,
     load_lesson,
+    once,
     run_main,
     running,
+    status_counts,
     wait_until,
 )
 from psycopg_pool import ConnectionPool
@@ -51,17 +55,6 @@ def lesson_02():
     return import_lesson(FIRST, "engine", "naive_claim")
 
 
-def statuses(url: str) -> dict[str, int]:
-    with psycopg.connect(url) as conn:
-        return dict(conn.execute("SELECT status::text, count(*) FROM tasks GROUP BY 1").fetchall())
-
-
-def once(lesson) -> dict:
-    """Task options for a task whose first failure is final: from lesson 04 on, a task that
-    raises is retried (3 attempts by default), and these tests are about the first outcome."""
-    return {"max_attempts": 1} if hasattr(lesson.engine, "TaskOptions") else {}
-
-
 def claim_one(lesson, worker, conn):
     """The task one claim hands `worker`, or None. Lesson 02's claim takes one task; from
     lesson 03 on, `claim(conn, max_tasks)` returns a list."""
@@ -69,22 +62,6 @@ def claim_one(lesson, worker, conn):
         return worker.claim(conn)
     claimed = worker.claim(conn, 1)
     return claimed[0] if claimed else None
-
-
-def add_finished_tasks(conn: psycopg.Connection, count: int) -> None:
-    """`count` completed tasks, as a queue that has run a long time piles up. From lesson 04
-    on, a task that ran has had an attempt (the table checks it)."""
-    attempts = conn.execute(
-        "SELECT EXISTS (SELECT FROM information_schema.columns"
-        " WHERE table_name = 'tasks' AND column_name = 'attempts')"
-    ).fetchone()[0]
-    columns, values = (", attempts", ", 1") if attempts else ("", "")
-    conn.execute(
-        f"INSERT INTO tasks (name, input, status, worker, started_at, finished_at{columns})"
-        f" SELECT 'noop', 'null', 'completed', 'w', now(), now(){values}"
-        " FROM generate_series(1, %s)",
-        (count,),
-    )
 
 
 def run_workers(workers) -> None:
@@ -287,7 +264,7 @@ def test_enqueue_refuses_an_unknown_name_and_writes_nothing(lesson, url, engine)
         engine.enqueue("c_task", {})
     assert str(caught.value) == "no task named 'c_task' is registered (registered: a_task, b_task)"
     assert isinstance(caught.value, LookupError)
-    assert statuses(url) == {}
+    assert status_counts(url) == {}
 
 
 def test_enqueue_refuses_input_that_is_not_json_and_writes_nothing(lesson, url, engine):
@@ -302,7 +279,7 @@ def test_enqueue_refuses_input_that_is_not_json_and_writes_nothing(lesson, url, 
             engine.enqueue("t", bad_input)
         assert str(caught.value) == f"input of task 't' is not JSON-serializable: {reason}"
         assert isinstance(caught.value, ValueError)
-    assert statuses(url) == {}
+    assert status_counts(url) == {}
 
 
 def test_a_name_can_be_registered_only_once(engine):
@@ -357,7 +334,7 @@ def test_the_naive_claim_really_runs_tasks_twice(lesson_02, lesson_db):
         run_workers([lesson_02.naive_claim.NaiveWorker(engine, name=f"w{i}") for i in range(4)])
 
     # The tasks table looks exactly as healthy as with the real claim...
-    assert statuses(url) == {"completed": 3}
+    assert status_counts(url) == {"completed": 3}
     # ...but the function ran more often than there were tasks.
     assert len(calls) > 3 and max(Counter(calls).values()) > 1
 
@@ -372,7 +349,7 @@ def test_naive_claim_py_shows_the_double_runs(pg_server_url):
         text=True,
         timeout=120,
     )
-    _drop(pg_server_url, dbname)
+    drop_database(pg_server_url, dbname)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "from the database: 0 queued, 0 running, 5 completed, 0 failed" in lines
@@ -437,14 +414,9 @@ def test_main_runs_every_task_once_from_anywhere_and_reruns(pg_server_url):
                     assert (status, error) == ("completed", None)
                     assert output == {"message_id": f"<welcome-{task_id}@example.com>"}
     finally:
-        _drop(pg_server_url, dbname)
+        drop_database(pg_server_url, dbname)
 
 
 def query_database(server: str, dbname: str, query: str) -> list[tuple]:
     with psycopg.connect(postgres.database_url(server, dbname)) as conn:
         return conn.execute(query).fetchall()
-
-
-def _drop(server: str, dbname: str) -> None:
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

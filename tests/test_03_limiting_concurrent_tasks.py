@@ -25,12 +25,16 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 from harness import (
+    add_finished_tasks,
+    drop_database,
     import_lesson,
     lesson_dir,
     lesson_env,
     lessons_from,
     load_lesson,
+    once,
     run_main,
+    status_counts,
     wait_until,
 )
 
@@ -147,11 +151,6 @@ def audit(lesson, url: str) -> tuple[dict, dict]:
     return per_key, per_worker
 
 
-def statuses(url: str) -> dict[str, int]:
-    with psycopg.connect(url) as conn:
-        return dict(conn.execute("SELECT status::text, count(*) FROM tasks GROUP BY 1").fetchall())
-
-
 def started_order(url: str) -> list[str | None]:
     """The tasks' keys, in the order they started (from started_at)."""
     with psycopg.connect(url) as conn:
@@ -168,28 +167,6 @@ def complete(lesson, conn: psycopg.Connection, task) -> None:
         assert queries.complete_tasks(done=done) == [task.id]
     else:
         assert queries.complete_task(id=task.id, output=None) == 1
-
-
-def once(lesson) -> dict:
-    """Task options for a task whose first failure is final: from lesson 04 on, a task that
-    raises is retried (3 attempts by default), and these tests are about the first outcome."""
-    return {"max_attempts": 1} if hasattr(lesson.engine, "TaskOptions") else {}
-
-
-def add_finished_tasks(conn: psycopg.Connection, count: int, key: str | None = None) -> None:
-    """`count` completed tasks, every other one under `key`, as a queue that has run a long time
-    piles up. From lesson 04 on, a task that ran has had an attempt (the table checks it)."""
-    attempts = conn.execute(
-        "SELECT EXISTS (SELECT FROM information_schema.columns"
-        " WHERE table_name = 'tasks' AND column_name = 'attempts')"
-    ).fetchone()[0]
-    columns, values = (", attempts", ", 1") if attempts else ("", "")
-    conn.execute(
-        "INSERT INTO tasks (name, input, concurrency_key, status, worker, started_at,"
-        f" finished_at{columns}) SELECT 'noop', 'null', CASE WHEN i %% 2 = 0 THEN %s END,"
-        f" 'completed', 'w', now(), now(){values} FROM generate_series(1, %s) AS i",
-        (key, count),
-    )
 
 
 # --- limits, audited under contention ----------------------------------------------------------
@@ -220,7 +197,7 @@ def test_per_key_limits_hold_with_eight_concurrent_claimers(lesson, url, engine)
     # The functions' own view agrees, and every task ran exactly once.
     assert all(witness.most[key] <= limit for key, limit in limits.items()), witness.most
     assert sorted(witness.calls) == list(range(n)) and set(witness.calls.values()) == {1}
-    assert statuses(url) == {"completed": n}
+    assert status_counts(url) == {"completed": n}
     # Tasks without a key have no limit of their own; slots hold everywhere.
     assert per_key[None] > 1
     assert max(per_worker.values()) <= 3 and len(per_worker) > 1
@@ -236,7 +213,7 @@ def test_one_worker_with_slots_to_spare_runs_no_more_than_the_key_limit(lesson, 
         engine.enqueue("relay", n, concurrency_key="k", max_running=2)
     worker = lesson.worker.Worker(engine, name="w", slots=6, poll_interval=0.01)
     assert worker.run_until_idle() == 6
-    assert statuses(url) == {"completed": 6}
+    assert status_counts(url) == {"completed": 6}
     assert relay.most == 2  # the functions' own count: two at once, never three
     assert audit(lesson, url) == ({"k": 2}, {"w": 2})  # the database's
 
@@ -260,7 +237,7 @@ def test_worker_slots_are_never_exceeded_and_are_all_used(lesson, url, engine):
     _, per_worker = audit(lesson, url)
     assert per_worker == slots
     assert all(witness.most[name] <= s for name, s in slots.items()), witness.most
-    assert statuses(url) == {"completed": 160}
+    assert status_counts(url) == {"completed": 160}
 
 
 # --- the claim, step by step -------------------------------------------------------------------
@@ -276,7 +253,7 @@ def test_a_claim_takes_at_most_the_free_slots(lesson, url, engine):
         assert len(worker.claim(conn, 3)) == 3
         assert worker.claim(conn, 0) == []
         assert len(worker.claim(conn, 100)) == 7
-    assert statuses(url) == {"running": 10}
+    assert status_counts(url) == {"running": 10}
 
 
 def test_the_claim_skips_a_locked_key_and_then_counts_what_its_holder_claimed(lesson, url, engine):
@@ -327,7 +304,7 @@ def test_only_a_count_in_a_new_statement_after_the_lock_keeps_the_limit(
         nl.fresh_tasks(engine)
         with psycopg.connect(url) as a, psycopg.connect(url) as b:
             assert getattr(nl, way)(a, b, say=said.append) == running
-    assert nl.LIMIT == 2 and statuses(url) == {"running": running, "queued": 6 - running}
+    assert nl.LIMIT == 2 and status_counts(url) == {"running": running, "queued": 6 - running}
     if way != "count_then_claim":  # B really waited for A's lock before it counted
         assert any("waits for A's lock" in line for line in said), said
 
@@ -430,7 +407,7 @@ def test_a_lowered_limit_holds_back_new_claims_but_not_running_tasks(lesson, url
         # The latest enqueue sets the key's limit: down to 1, below the 3 already running.
         later = engine.enqueue("t", 3, concurrency_key="acme", max_running=1)
         assert conn.execute("SELECT max_running FROM concurrency_keys").fetchone() == (1,)
-        assert statuses(url) == {"running": 3, "queued": 1}  # nothing was stopped
+        assert status_counts(url) == {"running": 3, "queued": 1}  # nothing was stopped
         complete(lesson, conn, claimed[0])
         complete(lesson, conn, claimed[1])
         assert worker.claim(conn, 3) == []  # 1 running: at the new limit
@@ -655,7 +632,7 @@ def test_enqueue_refuses_bad_concurrency_options_and_writes_nothing(lesson, url,
         assert isinstance(caught.value, ValueError)
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM concurrency_keys").fetchone() == (0,)
-    assert statuses(url) == {}
+    assert status_counts(url) == {}
 
 
 def test_a_worker_needs_a_positive_number_of_slots(lesson, engine):
@@ -681,7 +658,7 @@ def test_naive_limit_py_shows_two_claims_breaking_the_limit(pg_server_url):
             timeout=120,
         )
     finally:
-        _drop(pg_server_url, dbname)
+        drop_database(pg_server_url, dbname)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     verdicts = [line for line in result.stdout.splitlines() if "tasks running:" in line]
@@ -740,9 +717,4 @@ def test_main_keeps_every_limit_and_serves_the_quiet_tenants_first(pg_server_url
                 assert found and int(found[1]) <= 20, line
             assert lines[11:] == ["all 50 tasks finished: completed"]
     finally:
-        _drop(pg_server_url, dbname)
-
-
-def _drop(server: str, dbname: str) -> None:
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(pg_server_url, dbname)

@@ -29,6 +29,7 @@ import psycopg
 import pytest
 from hardway.postgres import database_url
 from harness import (
+    drop_database,
     lesson_dir,
     lesson_env,
     lessons_from,
@@ -809,8 +810,7 @@ def test_main_shows_retries_a_killed_worker_scheduling_and_cancellation(pg_serve
         if result.returncode == 0:
             tasks, attempts = recorded_by_main(database_url(pg_server_url, dbname))
     finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(pg_server_url, dbname)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out = result.stdout

@@ -24,7 +24,9 @@ from collections import Counter
 import psycopg
 import pytest
 from harness import (
+    drop_database,
     durable_task,
+    finish,
     lesson_dir,
     lesson_env,
     lessons_from,
@@ -70,12 +72,6 @@ def url(lesson, lesson_db) -> str:
 
 
 @pytest.fixture
-def current_durable_task(lesson):
-    """The lesson's current_durable_task(): how a durable task's function reaches its context."""
-    return lesson.durable.current_durable_task
-
-
-@pytest.fixture
 def effect(url, current_durable_task):
     """effect(step, detail): a step's side effect, in the effects table (any thread may call)."""
 
@@ -97,12 +93,6 @@ def effects(url: str, task_id: int | None = None) -> list[tuple]:
 def log_of(engine, task_id: int) -> list[tuple]:
     """(seq, attempt, kind, name, result, error) of every event of the task."""
     return [(e.seq, e.attempt, e.kind, e.name, e.result, e.error) for e in engine.events(task_id)]
-
-
-def finish(lesson, engine, *task_ids: int, **worker_options):
-    """Run one worker until every task has finished; return the tasks."""
-    with running(lesson.worker.Worker(engine, "w", poll_interval=0.02, **worker_options)):
-        return [engine.wait(task_id, timeout=60) for task_id in task_ids]
 
 
 def lease_has_expired(url: str, task_id: int) -> bool:
@@ -767,7 +757,7 @@ def test_main_survives_kill_9_and_reruns(pg_server_url):
             assert counts.pop("completed") == "3" and set(counts.values()) == {"0"}
             check_main_side_effects(demo_url, out)
     finally:
-        sql(pg_server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(pg_server_url, dbname)
 
 
 def check_main_side_effects(demo_url: str, out: str) -> None:

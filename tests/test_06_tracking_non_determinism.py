@@ -23,7 +23,9 @@ from collections import Counter
 import psycopg
 import pytest
 from harness import (
+    drop_database,
     durable_task,
+    finish,
     lesson_dir,
     lessons_from,
     load_lesson,
@@ -45,18 +47,6 @@ def lesson(request):
 # A test of what lesson 06 alone does (its main.py, or what lesson 07 changed on purpose) runs
 # against lesson 06 only: this overrides the `lesson` fixture's parameters for that test.
 only_lesson_06 = pytest.mark.parametrize("lesson", [LESSON_06], indirect=True)
-
-
-@pytest.fixture
-def current_durable_task(lesson):
-    """The lesson's current_durable_task(): how a durable task's function reaches its context."""
-    return lesson.durable.current_durable_task
-
-
-def finish(lesson, engine, *task_ids: int):
-    """Run one worker until every task has finished; return the tasks."""
-    with running(lesson.worker.Worker(engine, "w", poll_interval=0.02)):
-        return [engine.wait(task_id, timeout=60) for task_id in task_ids]
 
 
 def log_of(engine, task_id: int) -> list[tuple]:
@@ -746,7 +736,7 @@ def test_main_shows_the_divergence_the_replay_and_the_patch(pg_server_url):
             ]
             check_main_side_effects(demo_url, result.stdout)
     finally:
-        sql(pg_server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(pg_server_url, dbname)
 
 
 def check_main_side_effects(demo_url: str, out: str) -> None:

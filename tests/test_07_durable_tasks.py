@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from hardway import postgres
 from harness import (
+    drop_database,
     import_lesson,
     lesson_dir,
     lesson_env,
@@ -35,7 +36,9 @@ from harness import (
     run_main,
     running,
     sql,
+    statuses,
     wait_until,
+    worker,
 )
 from psycopg import conninfo
 
@@ -46,15 +49,6 @@ XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
 @pytest.fixture(params=lessons_from("07"), scope="module")
 def lesson(request):
     return load_lesson(request.param)
-
-
-def worker(lesson, engine, name: str = "w", **options):
-    options.setdefault("poll_interval", 0.02)
-    return lesson.worker.Worker(engine, name, **options)
-
-
-def statuses(tasks) -> list[str]:
-    return [str(task.status) for task in tasks]
 
 
 def spawn_events(url: str, parent: int) -> list[int]:
@@ -841,5 +835,4 @@ def test_main_kill_resume_retry_replay_cancel_and_rerun(pg_server_url):
                 10: {"find_parks": 1},
             }
     finally:
-        with psycopg.connect(pg_server_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(pg_server_url, dbname)

@@ -26,22 +26,23 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
-from harness import lesson_dir, lesson_env, lessons_from, load_lesson, running, sql, wait_until
+from harness import (
+    lesson_dir,
+    lesson_env,
+    lessons_from,
+    load_lesson,
+    running,
+    sql,
+    statuses,
+    wait_until,
+    worker,
+)
 from psycopg import conninfo
 
 
 @pytest.fixture(params=lessons_from("07"), scope="module")
 def lesson(request):
     return load_lesson(request.param)
-
-
-def worker(lesson, engine, name: str = "w", **options):
-    options.setdefault("poll_interval", 0.02)
-    return lesson.worker.Worker(engine, name, **options)
-
-
-def statuses(tasks) -> list[str]:
-    return [str(task.status) for task in tasks]
 
 
 def unfinished_children(url: str, parent: int) -> int:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import psycopg
 from hardway import postgres
-from harness import lesson_dir, lesson_env
+from harness import drop_database, lesson_dir, lesson_env
 
 XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
@@ -43,8 +43,7 @@ def naive_run(
         with psycopg.connect(postgres.database_url(server, dbname), autocommit=True) as conn:
             yield result, conn
     finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        drop_database(server, dbname)
 
 
 def test_naive_restart_charges_the_card_twice(pg_server_url):
