@@ -182,10 +182,12 @@ def run_main(
     *args: str,
     timeout: float = 120,
     cwd: Path | None = None,
+    script: str = "main.py",
 ) -> subprocess.CompletedProcess[str]:
-    """Run `lessons/<lesson>/main.py` as a reader would and return its finished process."""
+    """Run `lessons/<lesson>/main.py` (or another of its scripts, `naive_claim.py`) as a reader
+    would, from `cwd` (the repository root by default), and return its finished process."""
     return subprocess.run(
-        [sys.executable, str(lesson_dir(lesson) / "main.py"), *args],
+        [sys.executable, str(lesson_dir(lesson) / script), *args],
         cwd=cwd or REPO_ROOT,
         env=lesson_env(database_url, dbname),
         capture_output=True,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,7 +25,6 @@ from harness import (
     drop_database,
     import_lesson,
     lesson_dir,
-    lesson_env,
     lessons_from,
     load_lesson,
     once,
@@ -341,14 +338,7 @@ def test_the_naive_claim_really_runs_tasks_twice(lesson_02, lesson_db):
 
 def test_naive_claim_py_shows_the_double_runs(pg_server_url):
     dbname = f"t02_naive_{XDIST}"
-    result = subprocess.run(
-        [sys.executable, "naive_claim.py"],
-        cwd=lesson_dir(FIRST),
-        env=lesson_env(pg_server_url, dbname),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_main(FIRST, pg_server_url, dbname, cwd=lesson_dir(FIRST), script="naive_claim.py")
     drop_database(pg_server_url, dbname)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

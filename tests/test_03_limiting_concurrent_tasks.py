@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -29,7 +27,6 @@ from harness import (
     drop_database,
     import_lesson,
     lesson_dir,
-    lesson_env,
     lessons_from,
     load_lesson,
     once,
@@ -649,13 +646,8 @@ def test_a_worker_needs_a_positive_number_of_slots(lesson, engine):
 def test_naive_limit_py_shows_two_claims_breaking_the_limit(pg_server_url):
     dbname = f"t03_naive_{XDIST}"
     try:
-        result = subprocess.run(
-            [sys.executable, "naive_limit.py"],
-            cwd=lesson_dir(FIRST),
-            env=lesson_env(pg_server_url, dbname),
-            capture_output=True,
-            text=True,
-            timeout=120,
+        result = run_main(
+            FIRST, pg_server_url, dbname, cwd=lesson_dir(FIRST), script="naive_limit.py"
         )
     finally:
         drop_database(pg_server_url, dbname)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 from hardway import postgres
-from harness import drop_database, lesson_dir, lesson_env
+from harness import drop_database, lesson_dir, run_main
 
 XDIST = os.environ.get("PYTEST_XDIST_WORKER", "main")
 
@@ -30,14 +29,7 @@ def naive_run(
     database it used, dropped afterwards."""
     dbname = f"naive{lesson[:2]}_{XDIST}"
     try:
-        result = subprocess.run(
-            [sys.executable, script],
-            cwd=lesson_dir(lesson),
-            env=lesson_env(server, dbname),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_main(lesson, server, dbname, cwd=lesson_dir(lesson), script=script, timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
         with psycopg.connect(postgres.database_url(server, dbname), autocommit=True) as conn:
