@@ -76,6 +76,7 @@ ENGINE_MODULES = (
     "task_context",
     "outages",
     "durable",
+    "listener",
     "db.models",
     "db.queries",
 )

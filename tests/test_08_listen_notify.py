@@ -1,0 +1,237 @@
+"""Lesson 08's promises, kept by lesson 08 and every later lesson: work is picked up through
+notifications, not polling.
+
+Every worker here polls once every ten minutes, so a task it picks up within seconds was
+announced to it, or was due on its alarm:
+
+- an enqueued task, a retry after its backoff, an operator's retry, a parent whose last child
+  ended, room under a key's limit: each wakes the workers that can run it;
+- a scheduled task starts within 50 ms of its run_at, on the alarm, with no poll;
+- NOTIFY is delivered at commit, never before; a rolled-back enqueue notifies no one; identical
+  notifications in one transaction fold into one;
+- a listener that loses its connection reconnects, and its worker claims at once what was
+  enqueued while it was away (those notifications are lost for good).
+
+The negative claims ("no notification") are checked deterministically: notifications are
+delivered in commit order, so a sentinel NOTIFY committed afterwards arrives after anything the
+transaction under test could have sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import psycopg
+import pytest
+from harness import lessons_from, load_lesson, running, sql, wait_until, worker
+from psycopg import conninfo
+from psycopg import sql as pgsql
+
+NO_POLL = 600.0  # seconds: a worker's safety poll never comes during a test
+
+
+@pytest.fixture(params=lessons_from("08"), scope="module")
+def lesson(request):
+    return load_lesson(request.param)
+
+
+def listening(url: str, name: str = "w") -> None:
+    """Wait until worker `name` is connected, and its listener has sent its LISTEN."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND (application_name = %s OR application_name = %s AND query LIKE 'LISTEN%%')"
+    )
+    wait_until(lambda: sql(url, query, name, f"{name}-listen")[0][0] == 2, timeout=30)
+
+
+def seconds(url: str, query: str, *params) -> float:
+    return float(sql(url, query, *params)[0][0])
+
+
+def notifications_until_sentinel(conn: psycopg.Connection, url: str) -> list[str]:
+    """The payloads `conn` hears before a sentinel notification, committed now by another
+    session: all that was committed before it, and nothing else."""
+    sql(url, "SELECT pg_notify('task_ready', 'sentinel')")
+    payloads = []
+    for notification in conn.notifies(timeout=30):
+        if notification.payload == "sentinel":
+            return payloads
+        payloads.append(notification.payload)
+    raise AssertionError(f"no sentinel within 30 s; heard {payloads}")
+
+
+def test_an_enqueued_task_is_picked_up_through_a_notification(lesson, url, engine):
+    engine.task("noop")(lambda input: None)
+    with running(worker(lesson, engine, poll_interval=NO_POLL)):
+        listening(url)
+        # One after the other: each is claimed on its own notification (the wake-up after the
+        # listener connected can explain the first one at most).
+        task_ids = []
+        for i in range(5):
+            task_ids.append(engine.enqueue("noop", i))
+            assert engine.wait(task_ids[-1], timeout=10).status == "completed"
+    pickup = seconds(url, "SELECT max(extract(epoch FROM started_at - created_at)) FROM tasks")
+    assert pickup < 1.0, f"slowest pickup {pickup:.3f}s, with no poll for {NO_POLL:g}s"
+
+
+def test_notify_is_delivered_at_commit_never_before_and_a_rollback_notifies_no_one(url):
+    insert = "INSERT INTO tasks (name, input) VALUES ('greet', '1')"
+    with psycopg.connect(url, autocommit=True) as listener, psycopg.connect(url) as client:
+        listener.execute("LISTEN task_ready")
+        client.execute(insert)  # a transaction, open
+        assert notifications_until_sentinel(listener, url) == []
+        client.commit()
+        assert notifications_until_sentinel(listener, url) == ["greet"]
+
+        client.execute(insert)
+        client.rollback()
+        assert notifications_until_sentinel(listener, url) == []
+    assert sql(url, "SELECT count(*) FROM tasks")[0][0] == 1
+
+
+def test_identical_notifications_in_one_transaction_fold_into_one(url, engine):
+    engine.task("greet")(lambda input: None)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute("LISTEN task_ready")
+        engine.enqueue_many("greet", range(100))
+        assert notifications_until_sentinel(listener, url) == ["greet"]
+        # One per distinct name, in one transaction.
+        with psycopg.connect(url) as client:
+            for name in ["greet", "bill", "greet", "bill"]:
+                client.execute("INSERT INTO tasks (name, input) VALUES (%s, '1')", (name,))
+        assert sorted(notifications_until_sentinel(listener, url)) == ["bill", "greet"]
+
+
+def test_a_scheduled_task_starts_on_time_without_a_poll(lesson, url, engine):
+    engine.task("noop")(lambda input: None)
+    with running(worker(lesson, engine, poll_interval=NO_POLL)):
+        listening(url)
+        task_ids = [engine.enqueue("noop", i, delay=0.3 + 0.2 * i) for i in range(3)]
+        for task_id in task_ids:
+            assert engine.wait(task_id, timeout=10).status == "completed"
+    lateness = [
+        row[0]
+        for row in sql(url, "SELECT extract(epoch FROM started_at - run_at)::float8 FROM tasks")
+    ]
+    assert all(late >= 0 for late in lateness), lateness
+    assert max(lateness) < 0.05, f"started {max(lateness) * 1000:.0f} ms after its run_at"
+
+
+def test_a_retry_starts_after_its_backoff_without_a_poll(lesson, url, engine):
+    current_task = lesson.task_context.current_task
+
+    @engine.task("flaky", backoff=0.2)
+    def flaky(input):
+        if current_task().attempt == 1:
+            raise RuntimeError("first try fails")
+
+    with running(worker(lesson, engine, poll_interval=NO_POLL)):
+        listening(url)
+        task = engine.wait(engine.enqueue("flaky"), timeout=10)
+    assert (task.status, task.attempts) == ("completed", 2)
+
+
+def test_an_operator_retry_wakes_the_workers(lesson, url, engine):
+    fail = threading.Event()
+    fail.set()
+
+    @engine.task("once_failing", max_attempts=1)
+    def once_failing(input):
+        if fail.is_set():
+            raise RuntimeError("broken until fixed")
+
+    with running(worker(lesson, engine, poll_interval=NO_POLL)):
+        listening(url)
+        task_id = engine.enqueue("once_failing")
+        assert engine.wait(task_id, timeout=10).status == "failed"
+        fail.clear()
+        engine.retry(task_id)
+        assert engine.wait(task_id, timeout=10).status == "completed"
+
+
+def test_a_parent_resumes_within_50_ms_of_its_last_child_ending(
+    lesson, url, engine, current_durable_task
+):
+    engine.task("child")(lambda input: input)
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_durable_task()
+        return ctx.wait_all([ctx.spawn("child", i) for i in range(3)])
+
+    with running(worker(lesson, engine, slots=4, poll_interval=NO_POLL)):
+        listening(url)
+        parent_id = engine.enqueue("parent")
+        assert engine.wait(parent_id, timeout=10).output == [0, 1, 2]
+    resumed_after = seconds(
+        url,
+        "SELECT extract(epoch FROM (SELECT started_at FROM task_attempts"
+        "   WHERE task_id = %s AND attempt = 2)"
+        " - (SELECT max(finished_at) FROM tasks WHERE parent_id = %s))",
+        parent_id,
+        parent_id,
+    )
+    assert 0 <= resumed_after < 0.05, f"resumed {resumed_after * 1000:.0f} ms after"
+
+
+def test_room_under_a_key_wakes_workers_of_other_task_names(lesson, url, engine):
+    """Key 'printer' admits one task at a time; 'scan' and 'print' share it, on two workers
+    that each run one of the names. When the scan ends, the print worker is woken (an empty
+    payload: any name under the key may fit) and claims, with no poll."""
+    release = threading.Event()
+    scanner_engine = lesson.engine.Engine(engine.database_url)
+    try:
+        scanner_engine.task("scan")(lambda input: release.wait(30))
+        engine.task("print")(lambda input: None)
+        scan_id = scanner_engine.enqueue("scan", concurrency_key="printer", max_running=1)
+        scanner = worker(lesson, scanner_engine, "scanner", poll_interval=NO_POLL)
+        printer = worker(lesson, engine, "printer", poll_interval=NO_POLL)
+        with running(scanner, printer):
+            listening(url, "scanner")
+            listening(url, "printer")
+            wait_until(lambda: engine.get(scan_id).status == "running")
+            print_id = engine.enqueue("print", concurrency_key="printer", max_running=1)
+            assert engine.get(print_id).status == "queued"  # the key is full
+            release.set()
+            assert engine.wait(print_id, timeout=10).status == "completed"
+    finally:
+        scanner_engine.close()
+
+
+def test_a_listener_reconnects_and_its_worker_claims_what_was_enqueued_meanwhile(
+    lesson, url, engine, caplog
+):
+    caplog.set_level(logging.WARNING)
+    engine.task("noop")(lambda input: None)
+    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+    server = conninfo.make_conninfo(url, dbname="postgres")
+
+    def allow_connections(allowed: bool) -> None:
+        statement = "ALTER DATABASE {} ALLOW_CONNECTIONS " + ("true" if allowed else "false")
+        admin.execute(pgsql.SQL(statement).format(pgsql.Identifier(dbname)))
+
+    with (
+        psycopg.connect(server, autocommit=True) as admin,
+        psycopg.connect(url, autocommit=True) as client,  # opened before the door closes
+        running(worker(lesson, engine, poll_interval=NO_POLL)),
+    ):
+        listening(url)
+        try:
+            allow_connections(False)
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'w-listen' AND datname = %s",
+                (dbname,),
+            )
+            wait_until(lambda: "listener lost its connection" in caplog.text)
+            # Enqueued while the listener is away: its notification reaches no one.
+            (task_id,) = client.execute(
+                "INSERT INTO tasks (name, input) VALUES ('noop', '1') RETURNING id"
+            ).fetchone()
+            status = client.execute("SELECT status FROM tasks WHERE id = %s", (task_id,))
+            assert status.fetchone() == ("queued",)
+        finally:
+            allow_connections(True)
+        assert engine.wait(task_id, timeout=20).status == "completed"
+    assert "listener back; claiming at once" in caplog.text
