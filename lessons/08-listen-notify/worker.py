@@ -49,7 +49,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +102,10 @@ class Worker:
     engine does: a direct URL, when the engine goes through a transaction-mode pooler. And
     `listen=False` makes it poll only, as in lesson 07 (main.py compares the two).
 
+    `task_names` narrows what it runs to some of the registry's tasks: a worker pool of its own
+    for some tasks (machines with a GPU, say), or, in main.py, a worker for the agent and
+    another for its tools. Every registered task, by default.
+
     `slots=1` by default: without the argument a worker behaves as in lesson 02, one task at a
     time. How many to give it depends on the tasks (threads suit tasks that wait on I/O), so
     the caller says.
@@ -123,6 +127,7 @@ class Worker:
         chores_limit: int = 100,
         listen: bool = True,
         listen_url: str | None = None,
+        task_names: Collection[str] | None = None,
     ) -> None:
         check_count("slots", slots)
         check_seconds("lease", lease, 86400)
@@ -130,6 +135,9 @@ class Worker:
         check_count("chores_limit", chores_limit)
         self.engine = engine
         self.name = name
+        if task_names is not None and (unknown := set(task_names) - set(engine.registry)):
+            raise ValueError(f"task_names: not registered: {', '.join(sorted(unknown))}")
+        self._task_names = None if task_names is None else list(task_names)
         self.slots = slots
         self.poll_interval = poll_interval
         self.lease = lease
@@ -151,6 +159,12 @@ class Worker:
         self._backoff = Backoff()
         self._reconnect_at = 0.0  # time.monotonic() of the next attempt to connect
         self._down_since: float | None = None  # when the outage began, if we are in one
+
+    @property
+    def task_names(self) -> list[str]:
+        """The names this worker claims: read at each claim, so that tasks registered after
+        the Worker was made are run too."""
+        return list(self.engine.registry) if self._task_names is None else self._task_names
 
     def connect(self) -> psycopg.Connection:
         """The worker's own connection, in autocommit mode: each statement commits at once.
@@ -192,7 +206,7 @@ class Worker:
             self._wake.set()
 
         threading.Thread(target=wake_on_stop, name=f"{self.name}-stop", daemon=True).start()
-        listener = Listener(self.listen_url, self.name, self.engine.registry, self._wake, stop)
+        listener = Listener(self.listen_url, self.name, self.task_names, self._wake, stop)
         if self.listen:
             listener.start()
         with (
@@ -215,15 +229,13 @@ class Worker:
                                 [] if stop.is_set() else self._claim(conn, pool, steps, running)
                             )
                             if until_idle and not running and not claimed:
-                                if not Querier(conn).queued_task_exists(
-                                    task_names=list(self.engine.registry)
-                                ):
+                                if not Querier(conn).queued_task_exists(task_names=self.task_names):
                                     break
                         except psycopg.OperationalError as err:
                             if not is_outage(err):
                                 raise
                             self._lost(err)
-                    self._wait(running)
+                    self._wait(running, not stop.is_set() and len(running) < self.slots)
             finally:
                 self._disconnect()
                 # The listener (and wake_on_stop) end with `stop`: run_until_idle's own, or
@@ -288,12 +300,16 @@ class Worker:
             running[future] = (task, context)
         return claimed
 
-    def _wait(self, running: dict[Future[Outcome], tuple[Task, TaskContext]]) -> None:
+    def _wait(
+        self, running: dict[Future[Outcome], tuple[Task, TaskContext]], claiming: bool
+    ) -> None:
         """Stage 4: until woken (one of our tasks finished, a notification came, or `stop` was
-        set), or the next thing is due: the chores (the alarm, or the safety poll), a heartbeat,
-        a timeout, or a reconnection."""
+        set), or the next thing is due: a heartbeat, a timeout, a reconnection, or, when the
+        worker can claim (a free slot, not stopping), the chores (the alarm, or the safety
+        poll). Not the chores otherwise: they are part of the claim, and a worker that waited
+        for chores it cannot do yet would wake at once, again and again, until a slot frees."""
         now = time.monotonic()
-        due = [self._chores_due]
+        due = [self._chores_due] if claiming else []
         if self._conn is None:
             # Heartbeats and timeouts need the database: only the next reconnection is due.
             due.append(self._reconnect_at)
@@ -302,8 +318,9 @@ class Worker:
             due += [context.deadline for _, context in running.values() if not context.stopped]
         if not running:
             self._next_beat = now + self.heartbeat_interval  # nothing to heartbeat for
-        self._wake.wait(max(0.0, min(due) - now))
-        # Cleared before this turn's claim, not after it: a notification that comes during
+        # Nothing due: stopping, with nothing in hand; the loop ends without waiting.
+        self._wake.wait(max(0.0, min(due) - now) if due else 0.0)
+        # Cleared before the next turn's claim, not after it: a notification that comes during
         # the claim sets it again, and the next wait returns at once.
         self._wake.clear()
         done = [future for future in running if future.done()]
@@ -419,7 +436,7 @@ class Worker:
         Tasks without a key come last, with whatever slots the keys left.
         """
         queries = Querier(conn)
-        names = list(self.engine.registry)
+        names = self.task_names
         lease = datetime.timedelta(seconds=self.lease)
         claimed: list[Task] = []
         tried: list[str] = []  # keys already served (and still locked by us) in this claim
@@ -430,8 +447,12 @@ class Worker:
             # chore needs to run that often.
             if time.monotonic() >= self._chores_due:
                 self._chores_due = time.monotonic() + self.poll_interval
-                queries.promote_due_tasks(max_tasks=self.chores_limit)
+                promoted = queries.promote_due_tasks(max_tasks=self.chores_limit)
                 reclaimed = queries.reclaim_expired_leases(max_tasks=self.chores_limit)
+                if self.chores_limit in (promoted, len(reclaimed)):
+                    # A full batch: more may be due (ten thousand tasks scheduled for one
+                    # instant): the chores again next turn, not at the next poll.
+                    self._chores_due = time.monotonic()
                 for row in reclaimed:
                     then = "retry scheduled" if row.status == TaskStatus.SCHEDULED else "failed"
                     log.warning(
@@ -548,7 +569,7 @@ class Worker:
         or return value escape would die with every other task it holds, and so would the next
         worker to claim the same task: one poison task could take down the fleet.
         """
-        function = self.engine.registry[task.name]  # the claim only returns names we registered
+        function = self.engine.registry[task.name]  # the claim only returns names we run
         try:
             output = run_in_context(context, function, task.input)
         # BaseException, not only Exception: a task that calls sys.exit() fails, and the worker
