@@ -61,16 +61,16 @@ def main() -> None:
         demo_tasks.register(engine)
         engine.task("noop")(lambda input: None)
         results = []
-        for mode, options in [
-            ("polling every 50 ms (lesson 07)", {"poll_interval": 0.05, "listen": False}),
-            ("notifications (this lesson)", {}),
+        for mode, poll_interval, listen in [
+            ("polling every 50 ms (lesson 07)", 0.05, False),
+            ("notifications (this lesson)", 5.0, True),
         ]:
             print(f"{mode}:")
-            workers = [
-                CountedWorker(engine, "agents", 4, task_names=["research", "noop"], **options),
-                CountedWorker(engine, "tools", 4, task_names=TOOLS, **options),
-            ]
-            results.append(demo(engine, *workers))
+            agents, tools = (
+                CountedWorker(engine, name, 4, poll_interval, listen=listen, task_names=names)
+                for name, names in [("agents", ["research", "noop"]), ("tools", TOOLS)]
+            )
+            results.append(demo(engine, agents, tools))
         (polled_p50, polled_claims), (notified_p50, notified_claims) = results
         print(
             f"notifications vs polling: pickup p50 {polled_p50 / notified_p50:.0f}x faster;"
