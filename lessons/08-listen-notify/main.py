@@ -25,6 +25,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import demo_tasks
@@ -32,7 +33,7 @@ import psycopg
 from db.models import Task
 from engine import Engine
 from hardway.postgres import describe, lesson_database
-from worker import Worker
+from worker import Finished, Worker
 
 LESSON_DIR = Path(__file__).resolve().parent
 SAMPLES = 20
@@ -46,9 +47,11 @@ class CountedWorker(Worker):
 
     claims = 0
 
-    def claim(self, conn: psycopg.Connection, max_tasks: int) -> list[Task]:
+    def claim(
+        self, conn: psycopg.Connection, max_tasks: int, riders: Sequence[Finished] = ()
+    ) -> list[Task]:
         self.claims += 1
-        return super().claim(conn, max_tasks)
+        return super().claim(conn, max_tasks, riders)
 
 
 def main() -> None:
