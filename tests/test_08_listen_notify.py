@@ -20,11 +20,24 @@ transaction under test could have sent.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
 
 import psycopg
 import pytest
-from harness import lessons_from, load_lesson, running, sql, wait_until, worker
+from hardway import postgres
+from harness import (
+    drop_database,
+    lesson_dir,
+    lessons_from,
+    load_lesson,
+    run_main,
+    running,
+    sql,
+    wait_until,
+    worker,
+)
 from psycopg import conninfo
 from psycopg import sql as pgsql
 
@@ -235,3 +248,61 @@ def test_a_listener_reconnects_and_its_worker_claims_what_was_enqueued_meanwhile
             allow_connections(True)
         assert engine.wait(task_id, timeout=20).status == "completed"
     assert "listener back; claiming at once" in caplog.text
+
+
+# --- main.py: lesson 08's own demo (single-lesson) -------------------------------------------
+
+LESSON = "08-listen-notify"
+
+
+def measured(lines: list[str], heading: str) -> tuple[float, float, float]:
+    """(pickup p50 ms, idle claims/s, agent resumed after ms) printed under `heading`."""
+    part = "\n".join(lines[lines.index(heading) + 1 :][:3])
+    found = [
+        re.search(pattern, part)
+        for pattern in (r"p50 ([\d.]+) ms", r"([\d.]+) claims/s", r"resumed ([\d.]+) ms")
+    ]
+    assert all(found), part
+    p50, claims, resumed = (float(match[1]) for match in found if match)
+    return p50, claims, resumed
+
+
+def test_main_compares_polling_with_notifications(pg_server_url):
+    dbname = f"t08_main_{os.getpid()}"
+    try:
+        result = run_main(LESSON, pg_server_url, dbname, cwd=lesson_dir(LESSON))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr == ""
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith(f"database {dbname} on ")
+        polled = measured(lines, "polling every 50 ms (lesson 07):")
+        notified = measured(lines, "notifications (this lesson):")
+        # 1. pickup p50: a notification beats a 50 ms poll.
+        assert notified[0] < polled[0], (notified, polled)
+        # 2. idle claims per second: twenty polling (at least 5 on a loaded machine), at most
+        # one safety poll in two seconds listening.
+        assert polled[1] >= 5 and notified[1] <= 0.5, (polled, notified)
+        # 3. the agent resumed, listening, within 50 ms of its last tool's end.
+        assert notified[2] < 50, notified
+        assert lines[-4:] == [
+            "  INSERT, not committed yet: heard nothing",
+            "  COMMIT: heard 'noop'",
+            "  INSERT, then ROLLBACK: heard nothing",
+            "  enqueue_many of 1,000 noop tasks, one transaction: heard 'noop'",
+        ]
+        # What the demo did, from its database: two agents completed, each tool ran once per
+        # agent (the effects table), and the tasks of part 4 wait, unclaimed: the committed
+        # INSERT and the thousand, not the rolled-back one.
+        url = postgres.database_url(pg_server_url, dbname)
+        assert sql(url, "SELECT status::text, count(*) FROM tasks GROUP BY 1 ORDER BY 1") == [
+            ("completed", 2 * (20 + 1 + 3)),
+            ("queued", 1 + 1000),
+        ]
+        tools = "SELECT step, count(*) FROM effects WHERE step <> 'plan' AND step <> 'summarise'"
+        assert dict(sql(url, tools + " GROUP BY step")) == {
+            "weather": 2,
+            "find_parks": 2,
+            "read_reviews": 2,
+        }
+    finally:
+        drop_database(pg_server_url, dbname)

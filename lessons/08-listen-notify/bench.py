@@ -16,7 +16,13 @@ the machine (CPU, cores, PostgreSQL version) and a table:
 - the same, 1 worker x 10 slots, with 5,000 and with 40,000 tasks: the tables grow during each
   round, and the rate must not fall with their size ("Stale plans", docs/performance.md);
 - pickup latency: how long a task waits between its INSERT and its claim by an idle worker
-  that polls every P seconds (created_at to started_at, both from the database clock);
+  (created_at to started_at, both from the database clock): one that listens (lesson 08), and
+  one that polls every P seconds (lesson 07's way, `Worker(listen=False)`);
+- the thundering herd: the same with 1 and with 8 idle worker processes, which every
+  notification wakes; and what it costs, in transactions per task, from the database's
+  statistics (pg_stat_database: the workers' claims, wins and losses, and completions);
+- NOTIFY's lock: single-row enqueues per second from 1 and from 8 clients, with the trigger
+  that notifies, and with it disabled;
 - durable steps: a function of ten no-op steps, one at a time in one worker. On its first
   attempt each step is one fenced INSERT and its commit; the function then fails, and attempt 2
   replays the ten steps from one history query. The median time per step, for each attempt.
@@ -30,6 +36,7 @@ This file is also the task module of those worker processes: `register()` below.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import random
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, LiteralString
 
@@ -153,12 +161,15 @@ def bench_enqueue(engine: Engine, single: int = 2000, batched: int = 20_000) -> 
     return one_by_one, batched / (time.perf_counter() - started)
 
 
-def start_workers(count: int, slots: int, poll: float) -> list[subprocess.Popen]:
+def start_workers(
+    count: int, slots: int, poll: float, listen: bool = True
+) -> list[subprocess.Popen]:
     env = dict(os.environ, LESSON_DBNAME=DBNAME)
     return [
         subprocess.Popen(
             [sys.executable, str(LESSON_DIR / "worker.py"), "--tasks", "bench"]
-            + ["--name", f"bench-{i}", "--slots", str(slots), "--poll-interval", str(poll)],
+            + ["--name", f"bench-{i}", "--slots", str(slots), "--poll-interval", str(poll)]
+            + ([] if listen else ["--no-listen"]),
             env=env,
             stderr=subprocess.DEVNULL,
         )
@@ -173,12 +184,14 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
         process.wait(timeout=60)
 
 
-def bench_burn_down(engine: Engine, url: str, n: int, workers: int, slots: int) -> float:
-    """Tasks/s, the median of 3 rounds: n queued no-ops drained by `workers` processes."""
+def bench_burn_down(
+    engine: Engine, url: str, n: int, workers: int, slots: int, rounds: int = 3
+) -> float:
+    """Tasks/s, the median of `rounds` rounds: n queued no-ops drained by `workers` processes."""
     processes = start_workers(workers, slots, poll=0.01)
     rates = []
     try:
-        for _ in range(3):
+        for _ in range(rounds):
             fresh(url)
             # Due in 2 s, so that they are all queued (and the workers up and polling) when
             # the first one is claimed.
@@ -201,22 +214,45 @@ def bench_burn_down(engine: Engine, url: str, n: int, workers: int, slots: int) 
     return statistics.median(rates)
 
 
-def bench_latency(engine: Engine, url: str, poll: float, samples: int) -> tuple[float, float]:
-    """(p50, p99) milliseconds from INSERT to claim, for an idle worker polling every `poll` s."""
+def bench_latency(
+    engine: Engine, url: str, poll: float, samples: int, listen: bool = True
+) -> tuple[float, float]:
+    """(p50, p99) milliseconds from INSERT to claim, for an idle worker: listening for
+    notifications (its safety poll every `poll` s), or, with listen=False, polling every `poll` s.
+    """
     fresh(url)
     stop = threading.Event()
-    worker = Worker(engine, name="latency", poll_interval=poll)
+    worker = Worker(engine, name="latency", poll_interval=poll, listen=listen)
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()
     try:
+        listening(url, expected=1 if listen else 0)
         ids = []
         for _ in range(samples):
-            time.sleep(random.uniform(0, 2 * poll))  # arrive at a random point of the poll cycle
+            # Arrive at a random point of the poll cycle (of a tenth of a second, listening).
+            time.sleep(random.uniform(0, 0.1 if listen else 2 * poll))
             ids.append(engine.enqueue("noop"))
             engine.wait(ids[-1])
     finally:
         stop.set()
         thread.join()
+    return pickup_quantiles(url)
+
+
+def listening(url: str, expected: int) -> None:
+    """Wait until `expected` listeners have sent their LISTEN: none of the samples may be
+    enqueued before a worker can hear of it."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+    )
+    with psycopg.connect(url, autocommit=True) as conn:
+        while scalar(conn, query) < expected:
+            time.sleep(0.01)
+
+
+def pickup_quantiles(url: str) -> tuple[float, float]:
+    """(p50, p99) milliseconds from created_at to started_at, over every task."""
     with psycopg.connect(url) as conn:
         waits = [
             row[0]
@@ -224,8 +260,73 @@ def bench_latency(engine: Engine, url: str, poll: float, samples: int) -> tuple[
                 "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM tasks"
             )
         ]
-    quantiles = statistics.quantiles(waits, n=100)
+    quantiles = statistics.quantiles(waits, n=100, method="inclusive")
     return quantiles[49], quantiles[98]
+
+
+def transactions(url: str) -> int:
+    """Transactions committed in the database so far, as its statistics say. The other
+    sessions report theirs within a second of going idle: wait 1.5 s before reading."""
+    time.sleep(1.5)
+    with psycopg.connect(url, autocommit=True) as conn:
+        return scalar(
+            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+
+
+def bench_herd(url: str, workers: int, samples: int = 100) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, worker transactions per task) with `workers` idle listening worker
+    PROCESSES: every notification wakes all of them, one claims the task, and the others'
+    claims find nothing (SKIP LOCKED). Tasks enqueued one at a time, every 10-30 ms."""
+    fresh(url)
+    processes = start_workers(workers, slots=1, poll=5.0)
+    try:
+        listening(url, expected=workers)
+        before = transactions(url)
+        with psycopg.connect(url, autocommit=True) as client:
+            for i in range(samples):
+                time.sleep(random.uniform(0.01, 0.03))
+                client.execute(
+                    "INSERT INTO tasks (name, input) VALUES ('noop', %s::jsonb)", (str(i),)
+                )
+            done = "SELECT count(*) FROM tasks WHERE status = 'completed'"
+            while scalar(client, done) < samples:
+                time.sleep(0.05)
+        after = transactions(url)
+    finally:
+        stop_workers(processes)
+    # Ours: one per INSERT, the count queries, and the reading of the statistics.
+    client_side = samples + 2 * math.ceil(samples / 20) + 10
+    worker_side = max(0, after - before - client_side)
+    return (*pickup_quantiles(url), worker_side / samples)
+
+
+def insert_for(url: str, seconds: float) -> int:
+    """Single-row INSERTs, each its own transaction, for `seconds`; how many."""
+    inserted = 0
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            conn.execute("INSERT INTO tasks (name, input) VALUES ('noop', '1')")
+            inserted += 1
+    return inserted
+
+
+def bench_notify_lock(url: str, clients: int, seconds: float = 3.0) -> tuple[float, float]:
+    """Single-row enqueues per second from `clients` threads, each on its own connection:
+    (with the notifying trigger, without it). NOTIFY serializes commits: the commit of a
+    transaction that notified takes a lock that every other such commit waits for."""
+    rates = []
+    for trigger in ("ENABLE", "DISABLE"):
+        fresh(url)
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f"ALTER TABLE tasks {trigger} TRIGGER tasks_notify_enqueued")
+        with ThreadPoolExecutor(clients) as pool:
+            inserted = pool.map(lambda _: insert_for(url, seconds), range(clients))
+        rates.append(sum(inserted) / seconds)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_notify_enqueued")
+    return rates[0], rates[1]
 
 
 def bench_steps(engine: Engine, url: str, tasks: int = 200) -> tuple[float, float]:
@@ -303,10 +404,30 @@ def main() -> None:
             rows.append(
                 (f"burn-down {tasks:,} no-ops, 1 worker x 10 slots", f"{rate:,.0f} tasks/s")
             )
+        p50, p99 = bench_latency(engine, url, 5.0, samples=100)
+        rows.append(
+            ("pickup latency, notified (idle worker)", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        )
         for poll in (0.5, 0.05):
-            p50, p99 = bench_latency(engine, url, poll, samples=40)
+            p50, p99 = bench_latency(engine, url, poll, samples=40, listen=False)
             rows.append(
                 (f"pickup latency, polling every {poll:g} s", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+            )
+        for workers in (1, 8):
+            p50, p99, per_task = bench_herd(url, workers)
+            rows.append(
+                (
+                    f"{workers} idle worker(s), one task at a time",
+                    f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {per_task:.1f} transactions per task",
+                )
+            )
+        for clients in (1, 8):
+            notified, silent = bench_notify_lock(url, clients)
+            rows.append(
+                (
+                    f"INSERT + commit, {clients} client(s): with NOTIFY / without",
+                    f"{notified:,.0f} / {silent:,.0f} tasks/s",
+                )
             )
         first, replayed = bench_steps(engine, url)
         rows.append(("durable step, first run (1 worker, 1 slot)", f"{first * 1000:.2f} ms"))

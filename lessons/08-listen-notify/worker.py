@@ -302,10 +302,10 @@ class Worker:
         """Stage 3: record the riders and claim tasks for the free slots, in one transaction,
         and start running them on the pool.
 
-        Riders are plain completions (rides()): a commit waits for the disk, and for tasks of
-        a few milliseconds, the commit saved is a third of what a turn costs. If the database
-        refuses one of their outputs, the transaction is lost with it: they are recorded the
-        slow way (stage 1's, one by one if need be), and the claim goes on without them.
+        Riders are plain completions (rides()): a commit waits for the disk, and this makes
+        one commit per turn instead of two. If the database refuses one of their outputs, the
+        transaction is lost with it: they are recorded the slow way (stage 1's, one by one if
+        need be), and the claim goes on without them.
         """
         free = self.slots - len(running)
         claimed_at = time.monotonic()
@@ -797,6 +797,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--lease", type=float, default=30.0, help="seconds")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="seconds")
+    parser.add_argument(
+        "--no-listen", action="store_true", help="poll only, as in lesson 07 (no LISTEN)"
+    )
+    parser.add_argument(
+        "--listen-url", help="where to LISTEN, if not DATABASE_URL's server (past a pooler)"
+    )
     args = parser.parse_args(argv)
     try:
         tasks = importlib.import_module(args.tasks)
@@ -828,7 +834,15 @@ def main(argv: list[str] | None = None) -> None:
     with Engine(lesson_database_url()) as engine:
         tasks.register(engine)
         try:
-            worker = Worker(engine, args.name, args.slots, args.poll_interval, lease=args.lease)
+            worker = Worker(
+                engine,
+                args.name,
+                args.slots,
+                args.poll_interval,
+                lease=args.lease,
+                listen=not args.no_listen,
+                listen_url=args.listen_url,
+            )
         except ValueError as err:  # --lease nan, --slots 0...
             parser.error(str(err).replace("poll_interval", "poll-interval"))
         print(
