@@ -21,8 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
+import shutil
+import socket
+import subprocess
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -248,6 +254,111 @@ def test_a_listener_reconnects_and_its_worker_claims_what_was_enqueued_meanwhile
             allow_connections(True)
         assert engine.wait(task_id, timeout=20).status == "completed"
     assert "listener back; claiming at once" in caplog.text
+
+
+# --- a pooler in transaction mode: PgBouncer, when it is installed ------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def pgbouncer(url, tmp_path) -> Iterator[str]:
+    """`url`'s database through a PgBouncer in transaction mode: the URL to connect to it."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        pytest.skip("pgbouncer is not installed (.ci/run installs it with apt)")
+    server = conninfo.conninfo_to_dict(url)
+    host = str(server.get("host") or "127.0.0.1")
+    target = " ".join(
+        f"{key}={server[key]}" for key in ("host", "port", "user", "password") if server.get(key)
+    )
+    port = free_port()
+    tmp_path.chmod(0o777)  # pgbouncer may run as another user, below
+    (tmp_path / "users.txt").write_text(f'"{server.get("user") or "postgres"}" ""\n')
+    config = tmp_path / "pgbouncer.ini"
+    config.write_text(
+        f"[databases]\n* = {target}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {tmp_path / 'users.txt'}\n"
+        "pool_mode = transaction\ndefault_pool_size = 2\n"
+        # The engine's connections set plan_cache_mode at startup, which PgBouncer refuses
+        # unless told to ignore it.
+        "ignore_startup_parameters = options\n"
+    )
+    command = [binary, "-q", str(config)]
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root; it runs as whoever owns the server's socket
+        # directory (the embedded server's), so that it may connect there.
+        owner = Path(host).stat().st_uid if host.startswith("/") else "nobody"
+        command[1:1] = ["-u", pwd.getpwuid(owner).pw_name if isinstance(owner, int) else owner]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    pooled = conninfo.make_conninfo(url, host="127.0.0.1", port=str(port), password="")
+    try:
+        wait_until(lambda: process.poll() is not None or accepts(pooled), timeout=10)
+        assert process.poll() is None, process.communicate()[1]
+        yield pooled
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def accepts(url: str) -> bool:
+    try:
+        psycopg.connect(url, connect_timeout=1).close()
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+def test_a_listener_behind_a_transaction_pooler_hears_nothing(url, pgbouncer):
+    """The trap: LISTEN runs on whichever server connection the pooler lends for that one
+    statement, and the notifications go to that server connection, not to this client."""
+    with (
+        psycopg.connect(url, autocommit=True) as direct,
+        psycopg.connect(pgbouncer, autocommit=True) as pooled,
+        # Another client of the pooler, which its two server connections also serve.
+        psycopg.connect(pgbouncer, autocommit=True) as neighbour,
+    ):
+        direct.execute("LISTEN task_ready")
+        pooled.execute("LISTEN task_ready")
+        neighbour.execute("SELECT 1")
+        sql(url, "INSERT INTO tasks (name, input) VALUES ('noop', '1')")
+        assert notifications_until_sentinel(direct, url) == ["noop"]
+        # The direct listener has heard the task and the sentinel after it; the pooled one,
+        # given a second more, hears neither.
+        assert [n.payload for n in pooled.notifies(timeout=1.0)] == []
+
+
+def test_a_listener_pointed_past_the_pooler_hears_what_one_behind_it_misses(lesson, url, pgbouncer):
+    """The fix, `Worker(listen_url=...)`: the listener connects to PostgreSQL directly (or to a
+    pool in session mode), whatever the worker's other connections go through."""
+    Listener = lesson.listener.Listener
+    stop = threading.Event()
+    behind, past = threading.Event(), threading.Event()
+    listeners = [
+        Listener(pgbouncer, "behind", ["noop"], behind, stop),
+        Listener(url, "past", ["noop"], past, stop),
+    ]
+    for listener in listeners:
+        listener.start()
+    try:
+        # Each wakes its worker once it has run LISTEN; then both wait.
+        wait_until(lambda: all(listener.connections == 1 for listener in listeners))
+        wait_until(lambda: behind.is_set() and past.is_set())
+        behind.clear()
+        past.clear()
+        sql(url, "INSERT INTO tasks (name, input) VALUES ('noop', '1')")
+        assert past.wait(10)
+        assert not behind.wait(1.0)
+    finally:
+        stop.set()
+        for listener in listeners:
+            listener.join()
 
 
 # --- main.py: lesson 08's own demo (single-lesson) -------------------------------------------
