@@ -243,6 +243,97 @@ RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status
 """
 
 
+RECORD_AND_CLAIM_UNKEYED = """-- name: RecordAndClaimUnkeyed :many
+WITH done AS (
+    SELECT
+        (d ->> 'id')::bigint AS id,
+        (d ->> 'attempt')::integer AS attempt,
+        nullif(d -> 'output', 'null') AS output
+    FROM jsonb_array_elements($1::jsonb) AS d
+),
+recorded AS (
+    -- CompleteTasks, fence and all.
+    UPDATE tasks
+    SET status = 'completed', output = done.output, finished_at = now(), lease_expires_at = NULL
+    FROM done
+    WHERE tasks.id = done.id AND tasks.attempts = done.attempt AND tasks.status = 'running'
+    RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.idempotency_key, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
+),
+recorded_attempt AS (
+    UPDATE task_attempts AS a
+    SET status = 'completed', finished_at = now()
+    FROM recorded
+    WHERE a.task_id = recorded.id AND a.attempt = recorded.attempts
+),
+picked AS MATERIALIZED (
+    -- ClaimUnkeyedTasks, unless a task with a key waits: keys come first (ClaimKeyTasks), so
+    -- then this claims nothing, and the worker makes the full claim, which serves the keys,
+    -- then these. (A key at its limit also sends the worker there: the fast way is for
+    -- queues without keys.)
+    SELECT id, attempts + 1 AS attempt
+    FROM tasks
+    WHERE concurrency_key IS NULL
+        AND status = 'queued'
+        AND name = ANY ($2::text[])
+        AND NOT EXISTS (
+            SELECT 1
+            FROM tasks AS keyed
+            WHERE keyed.concurrency_key IS NOT NULL
+                AND keyed.status = 'queued'
+                AND keyed.name = ANY ($2::text[])
+        )
+    ORDER BY concurrency_key, priority DESC, id
+    LIMIT $3::integer
+    FOR UPDATE SKIP LOCKED
+),
+attempt AS (
+    INSERT INTO task_attempts (task_id, attempt, worker, started_at)
+    SELECT id, attempt, $4, clock_timestamp()
+    FROM picked
+),
+claimed AS (
+    UPDATE tasks
+    SET status = 'running', worker = $4, started_at = clock_timestamp(),
+        attempts = picked.attempt,
+        lease_expires_at = clock_timestamp() + $5::interval
+    FROM picked
+    WHERE tasks.id = picked.id
+    RETURNING tasks.id, tasks.name, tasks.input, tasks.concurrency_key, tasks.status, tasks.output, tasks.error, tasks.worker, tasks.created_at, tasks.started_at, tasks.finished_at, tasks.priority, tasks.run_at, tasks.max_attempts, tasks.backoff_base, tasks.backoff_cap, tasks.timeout, tasks.idempotency_key, tasks.attempts, tasks.lease_expires_at, tasks.replays, tasks.parent_id, tasks.waiting_for, tasks.suspensions
+)
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions FROM claimed
+UNION ALL
+SELECT id, name, input, concurrency_key, status, output, error, worker, created_at, started_at, finished_at, priority, run_at, max_attempts, backoff_base, backoff_cap, timeout, idempotency_key, attempts, lease_expires_at, replays, parent_id, waiting_for, suspensions FROM recorded
+"""
+
+
+@dataclasses.dataclass
+class RecordAndClaimUnkeyedRow:
+    id: int
+    name: str
+    input: Any
+    concurrency_key: str | None
+    status: models.TaskStatus
+    output: Any
+    error: str | None
+    worker: str | None
+    created_at: datetime.datetime
+    started_at: datetime.datetime | None
+    finished_at: datetime.datetime | None
+    priority: int
+    run_at: datetime.datetime
+    max_attempts: int
+    backoff_base: datetime.timedelta
+    backoff_cap: datetime.timedelta
+    timeout: datetime.timedelta
+    idempotency_key: str | None
+    attempts: int
+    lease_expires_at: datetime.datetime | None
+    replays: int
+    parent_id: int | None
+    waiting_for: list[int] | None
+    suspensions: int
+
+
 QUEUED_TASK_EXISTS = """-- name: QueuedTaskExists :one
 SELECT EXISTS (
     SELECT 1
@@ -844,6 +935,35 @@ def _reclaim_expired_leases_row(row: TupleRow) -> ReclaimExpiredLeasesRow:
     )
 
 
+def _record_and_claim_unkeyed_row(row: TupleRow) -> RecordAndClaimUnkeyedRow:
+    return RecordAndClaimUnkeyedRow(
+        id=row[0],
+        name=row[1],
+        input=row[2],
+        concurrency_key=row[3],
+        status=models.TaskStatus(row[4]),
+        output=row[5],
+        error=row[6],
+        worker=row[7],
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+        priority=row[11],
+        run_at=row[12],
+        max_attempts=row[13],
+        backoff_base=row[14],
+        backoff_cap=row[15],
+        timeout=row[16],
+        idempotency_key=row[17],
+        attempts=row[18],
+        lease_expires_at=row[19],
+        replays=row[20],
+        parent_id=row[21],
+        waiting_for=row[22],
+        suspensions=row[23],
+    )
+
+
 def _fail_attempt_row(row: TupleRow) -> FailAttemptRow:
     return FailAttemptRow(
         status=models.TaskStatus(row[0]),
@@ -1117,6 +1237,35 @@ class Querier:
             cur.execute(CLAIM_UNKEYED_TASKS, [worker, lease, task_names, max_tasks])
             rows = cur.fetchall()
         return [_task(row) for row in rows]
+
+    def record_and_claim_unkeyed(
+        self,
+        *,
+        done: Any,
+        task_names: list[str],
+        max_tasks: int,
+        worker: str,
+        lease: datetime.timedelta,
+    ) -> list[RecordAndClaimUnkeyedRow]:
+        """Lesson 08: a turn in one statement: record the riders' outputs, claim unkeyed tasks.
+
+        The common case (no keyed work waiting, no chores due) in one round trip and one commit,
+        where the full claim takes five round trips. Returns the claimed tasks (running) and the
+        recorded ones (completed): a rider missing from them was refused by the fence.
+        """
+        with self._cursor() as cur:
+            cur.execute(
+                RECORD_AND_CLAIM_UNKEYED,
+                [
+                    Jsonb(done),
+                    task_names,
+                    max_tasks,
+                    worker,
+                    lease,
+                ],
+            )
+            rows = cur.fetchall()
+        return [_record_and_claim_unkeyed_row(row) for row in rows]
 
     def queued_task_exists(self, *, task_names: list[str]) -> bool | None:
         """Whether a task this worker could run is queued or scheduled, claimable right now or not."""

@@ -242,6 +242,73 @@ WHERE tasks.id = picked.id
 RETURNING tasks.*;
 -- endregion
 
+-- region: record_and_claim
+-- name: RecordAndClaimUnkeyed :many
+-- Lesson 08: a turn in one statement: record the riders' outputs, claim unkeyed tasks.
+-- The common case (no keyed work waiting, no chores due) in one round trip and one commit,
+-- where the full claim takes five round trips. Returns the claimed tasks (running) and the
+-- recorded ones (completed): a rider missing from them was refused by the fence.
+WITH done AS (
+    SELECT
+        (d ->> 'id')::bigint AS id,
+        (d ->> 'attempt')::integer AS attempt,
+        nullif(d -> 'output', 'null') AS output
+    FROM jsonb_array_elements(sqlc.arg(done)::jsonb) AS d
+),
+recorded AS (
+    -- CompleteTasks, fence and all.
+    UPDATE tasks
+    SET status = 'completed', output = done.output, finished_at = now(), lease_expires_at = NULL
+    FROM done
+    WHERE tasks.id = done.id AND tasks.attempts = done.attempt AND tasks.status = 'running'
+    RETURNING tasks.*
+),
+recorded_attempt AS (
+    UPDATE task_attempts AS a
+    SET status = 'completed', finished_at = now()
+    FROM recorded
+    WHERE a.task_id = recorded.id AND a.attempt = recorded.attempts
+),
+picked AS MATERIALIZED (
+    -- ClaimUnkeyedTasks, unless a task with a key waits: keys come first (ClaimKeyTasks), so
+    -- then this claims nothing, and the worker makes the full claim, which serves the keys,
+    -- then these. (A key at its limit also sends the worker there: the fast way is for
+    -- queues without keys.)
+    SELECT id, attempts + 1 AS attempt
+    FROM tasks
+    WHERE concurrency_key IS NULL
+        AND status = 'queued'
+        AND name = ANY (sqlc.arg(task_names)::text[])
+        AND NOT EXISTS (
+            SELECT 1
+            FROM tasks AS keyed
+            WHERE keyed.concurrency_key IS NOT NULL
+                AND keyed.status = 'queued'
+                AND keyed.name = ANY (sqlc.arg(task_names)::text[])
+        )
+    ORDER BY concurrency_key, priority DESC, id
+    LIMIT sqlc.arg(max_tasks)::integer
+    FOR UPDATE SKIP LOCKED
+),
+attempt AS (
+    INSERT INTO task_attempts (task_id, attempt, worker, started_at)
+    SELECT id, attempt, sqlc.arg(worker), clock_timestamp()
+    FROM picked
+),
+claimed AS (
+    UPDATE tasks
+    SET status = 'running', worker = sqlc.arg(worker), started_at = clock_timestamp(),
+        attempts = picked.attempt,
+        lease_expires_at = clock_timestamp() + sqlc.arg(lease)::interval
+    FROM picked
+    WHERE tasks.id = picked.id
+    RETURNING tasks.*
+)
+SELECT * FROM claimed
+UNION ALL
+SELECT * FROM recorded;
+-- endregion
+
 -- name: QueuedTaskExists :one
 -- Whether a task this worker could run is queued or scheduled, claimable right now or not.
 SELECT EXISTS (
