@@ -256,6 +256,42 @@ def test_a_listener_reconnects_and_its_worker_claims_what_was_enqueued_meanwhile
     assert "listener back; claiming at once" in caplog.text
 
 
+def test_a_stale_completion_riding_with_a_claim_is_refused_by_the_fence(
+    lesson, url, engine, caplog
+):
+    """The one-statement turn (RecordAndClaimUnkeyed) records completions with the attempt
+    fence, as CompleteTasks does: worker A's attempt 1 is taken over while its function still
+    runs, worker B runs attempt 2 to the end, and A's late output, recorded with A's next
+    claim, changes nothing."""
+    caplog.set_level(logging.INFO)
+    release = threading.Event()
+
+    @engine.task("report", backoff=0.01)
+    def report_a(input):
+        release.wait(30)
+        return "by A"
+
+    with lesson.engine.Engine(url) as engine_b:
+        engine_b.task("report", backoff=0.01)(lambda input: "by B")
+        task_id = engine.enqueue("report")
+        # A long lease: A heartbeats only every 10 s, long after the takeover below.
+        a = worker(lesson, engine, "A", poll_interval=NO_POLL, lease=30)
+        b = worker(lesson, engine_b, "B", poll_interval=0.02)
+        with running(a):
+            wait_until(lambda: engine.get(task_id).status == "running")
+            # A's lease runs out (as if A had stalled); B reclaims the task and runs it.
+            sql(url, "UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+            with running(b):
+                task = engine.wait(task_id, timeout=10)
+                assert (task.output, task.attempts) == ("by B", 2)
+            release.set()
+            wait_until(lambda: "attempt 1 is no longer current" in caplog.text)
+    task = engine.get(task_id)
+    assert (task.status, task.output, task.attempts) == ("completed", "by B", 2)
+    attempts = sql(url, "SELECT attempt, status::text, worker FROM task_attempts ORDER BY 1")
+    assert attempts == [(1, "failed", "A"), (2, "completed", "B")]
+
+
 # --- a pooler in transaction mode: PgBouncer, when it is installed ------------------------------
 
 
