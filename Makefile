@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Silences mkdocs-material's end-of-life banner on every build.
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install test lint typecheck format generate check-generated run bench docs docs-generate docs-serve db-stop db-reset clean
+.PHONY: install test lint typecheck format generate check-generated run bench bench-peers docs docs-generate docs-serve db-stop db-reset clean
 
 # Reinstall whenever pyproject.toml changes; the stamp file records the last install.
 $(BIN)/.installed: pyproject.toml
@@ -65,6 +65,19 @@ run: install
 # Throughput and latency of the most advanced engine (its bench.py); not part of the test suite.
 bench: install
 	$(BIN)/python $(LATEST_LESSON)/bench.py
+
+# The peers' own environment, apart from the project's; reinstalled when their pins change.
+PEERS_VENV := .venv-peers
+PEERS_REQUIREMENTS := lessons/08-listen-notify/peers/requirements.txt
+$(PEERS_VENV)/.installed: $(PEERS_REQUIREMENTS)
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r $(PEERS_REQUIREMENTS)
+	touch $@
+
+# Lesson 08's engine beside pgqueuer and DBOS (its bench_peers.py); not part of the test suite.
+bench-peers: install $(PEERS_VENV)/.installed
+	cd lessons/08-listen-notify && $(CURDIR)/$(BIN)/python bench_peers.py
 
 docs: install
 	$(BIN)/mkdocs build --strict
