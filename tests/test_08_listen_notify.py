@@ -41,6 +41,7 @@ from harness import (
     run_main,
     running,
     sql,
+    status_counts,
     wait_until,
     worker,
 )
@@ -260,9 +261,10 @@ def test_a_stale_completion_riding_with_a_claim_is_refused_by_the_fence(
     lesson, url, engine, caplog
 ):
     """The one-statement turn (RecordAndClaimUnkeyed) records completions with the attempt
-    fence, as CompleteTasks does: worker A's attempt 1 is taken over while its function still
-    runs, worker B runs attempt 2 to the end, and A's late output, recorded with A's next
-    claim, changes nothing."""
+    fence, as CompleteTasks does. Worker A claims two tasks (a backlog: its next turn takes
+    the one-statement way); the attempt of the first is taken over while its function still
+    runs, and worker B runs attempt 2 to the end. A's late output for it changes nothing; its
+    output for the second is recorded."""
     caplog.set_level(logging.INFO)
     release = threading.Event()
 
@@ -273,22 +275,31 @@ def test_a_stale_completion_riding_with_a_claim_is_refused_by_the_fence(
 
     with lesson.engine.Engine(url) as engine_b:
         engine_b.task("report", backoff=0.01)(lambda input: "by B")
-        task_id = engine.enqueue("report")
+        taken_over, kept = engine.enqueue_many("report", [1, 2])
         # A long lease: A heartbeats only every 10 s, long after the takeover below.
-        a = worker(lesson, engine, "A", poll_interval=NO_POLL, lease=30)
+        a = worker(lesson, engine, "A", slots=2, poll_interval=NO_POLL, lease=30)
         b = worker(lesson, engine_b, "B", poll_interval=0.02)
         with running(a):
-            wait_until(lambda: engine.get(task_id).status == "running")
-            # A's lease runs out (as if A had stalled); B reclaims the task and runs it.
-            sql(url, "UPDATE tasks SET lease_expires_at = now() - interval '1 second'")
+            wait_until(lambda: status_counts(url) == {"running": 2})
+            # A's lease of the first runs out (as if A had stalled); B reclaims it and runs it.
+            sql(
+                url,
+                "UPDATE tasks SET lease_expires_at = now() - '1 s'::interval WHERE id = %s",
+                taken_over,
+            )
             with running(b):
-                task = engine.wait(task_id, timeout=10)
+                task = engine.wait(taken_over, timeout=10)
                 assert (task.output, task.attempts) == ("by B", 2)
             release.set()
-            wait_until(lambda: "attempt 1 is no longer current" in caplog.text)
-    task = engine.get(task_id)
+            assert engine.wait(kept, timeout=10).output == "by A"
+            wait_until(lambda: f"task {taken_over}: attempt 1 is no longer current" in caplog.text)
+    task = engine.get(taken_over)
     assert (task.status, task.output, task.attempts) == ("completed", "by B", 2)
-    attempts = sql(url, "SELECT attempt, status::text, worker FROM task_attempts ORDER BY 1")
+    attempts = sql(
+        url,
+        "SELECT attempt, status::text, worker FROM task_attempts WHERE task_id = %s ORDER BY 1",
+        taken_over,
+    )
     assert attempts == [(1, "failed", "A"), (2, "completed", "B")]
 
 

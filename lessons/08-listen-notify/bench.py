@@ -10,9 +10,10 @@ the machine (CPU, cores, PostgreSQL version) and a table:
 
 - enqueue: tasks per second, one `engine.enqueue()` per task, then `engine.enqueue_many()` in
   batches of 1,000;
-- burn-down: N no-op tasks, all queued, drained by W worker PROCESSES (`python worker.py
-  --tasks bench`) with S slots each; a claim takes up to S tasks. Measured on the database
-  clock, from the first claim to the last completion; the median of three rounds;
+- burn-down: N no-op tasks, drained by W worker PROCESSES (`python worker.py --tasks bench`)
+  with S slots each; a claim takes up to S tasks. The tasks are enqueued once every worker
+  listens, all in one transaction: its one notification starts them all. Measured on the
+  database clock, from the first claim to the last completion; the median of three rounds;
 - the same, 1 worker x 10 slots, with 5,000 and with 40,000 tasks: the tables grow during each
   round, and the rate must not fall with their size ("Stale plans", docs/performance.md);
 - pickup latency: how long a task waits between its INSERT and its claim by an idle worker

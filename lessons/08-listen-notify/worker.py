@@ -156,6 +156,9 @@ class Worker:
         self._chores_due = 0.0
         # Set by a notification, a task that finished, or `stop`: the loop takes a turn.
         self._wake = threading.Event()
+        # Whether the last claim filled all the slots it asked for, more than one: then more is
+        # probably queued (claim()).
+        self._backlog = False
         self._next_beat = 0.0  # time.monotonic() of the next heartbeat
         self._conn: psycopg.Connection | None = None  # None: not connected (yet, or any more)
         self._backoff = Backoff()
@@ -461,15 +464,21 @@ class Worker:
 
         Tasks without a key come last, with whatever slots the keys left.
 
-        Lesson 08: all that, only when it is needed. When no chores are due, one statement
-        tries first (RecordAndClaimUnkeyed): it records the riders and claims tasks without a
-        key, unless a task with a key is waiting. A queue without keys is served that way, one
-        round trip and one commit per turn, where the full claim takes five round trips. It
-        claims nothing when the keys need serving first, or nothing is queued: then the full
-        claim, which also sets the alarm.
+        Lesson 08: all that, only when it is needed. While there is a backlog (the last claim
+        filled all the slots it asked for, more than one) and no chores are due, one statement
+        tries first
+        (RecordAndClaimUnkeyed): it records the riders and claims tasks without a key, unless a
+        task with a key is waiting. A backlog without keys is served that way, one round trip
+        and one commit per turn, where the full claim takes five round trips. It claims
+        nothing when the keys need serving first, or nothing is queued: then the full claim,
+        which also sets the alarm. Without a backlog (a worker woken for one task, or at the
+        end of a burst), the full claim at once: a try that found nothing would cost a second
+        transaction. (One slot filled says nothing of a backlog: a worker with one slot always
+        makes the full claim.)
         """
-        if time.monotonic() < self._chores_due:
+        if self._backlog and time.monotonic() < self._chores_due:
             claimed = self._claim_unkeyed_at_once(conn, max_tasks, riders)
+            self._backlog = len(claimed) == max_tasks > 1
             if claimed:
                 return claimed
             riders = ()  # recorded
@@ -537,6 +546,7 @@ class Worker:
             # rows in lease order, never waiting (SKIP LOCKED), and must go on never waiting;
             # this statement may wait for a child's lock, holding no other lock.
             self._closed(queries.close_children(ids=failed))
+        self._backlog = len(claimed) == max_tasks > 1
         return claimed
 
     # endregion
