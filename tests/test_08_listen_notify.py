@@ -303,6 +303,30 @@ def test_a_stale_completion_riding_with_a_claim_is_refused_by_the_fence(
     assert attempts == [(1, "failed", "A"), (2, "completed", "B")]
 
 
+def test_keys_come_first_on_the_one_statement_turn_too(lesson, url, engine):
+    """While a worker has a backlog, its turns take the one-statement way, which claims tasks
+    without a key: not while a task with a key waits. Keys come first (lesson 03's order):
+    the keyed task starts in the turn right after it was enqueued, not after the backlog."""
+    release = threading.Event()
+
+    @engine.task("unkeyed")
+    def unkeyed(input):
+        if input < 2:  # the first two hold both slots until the keyed task is queued
+            release.wait(30)
+
+    engine.task("keyed")(lambda input: None)
+    backlog = engine.enqueue_many("unkeyed", range(6))
+    with running(worker(lesson, engine, slots=2, poll_interval=NO_POLL)):
+        wait_until(lambda: status_counts(url) == {"running": 2, "queued": 4})
+        keyed = engine.enqueue("keyed", concurrency_key="k", max_running=1)
+        release.set()
+        for task_id in [*backlog, keyed]:
+            engine.wait(task_id, timeout=10)
+    started = [row[0] for row in sql(url, "SELECT id FROM tasks ORDER BY started_at")]
+    # The two that held the slots, then the keyed one with the third (in either order).
+    assert started.index(keyed) in (2, 3), (started, keyed)
+
+
 # --- a pooler in transaction mode: PgBouncer, when it is installed ------------------------------
 
 
