@@ -249,7 +249,9 @@ def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tm
             dbname, urls[lesson.name] = lesson_database(server, lesson, "stopping")
             with lesson.engine.Engine(urls[lesson.name]) as engine:
                 engine.task("slow")(lambda seconds: None)
-                engine.enqueue("slow", 1.0)
+                # Three seconds: every lesson's worker is running its task before the first
+                # task ends, however late the last worker process starts on a loaded machine.
+                engine.enqueue("slow", 3.0)
             options = ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
             process = start_worker(server, dbname, lesson, *options, PYTHONPATH=str(tmp_path))
             workers.append((lesson.name, process))
@@ -271,5 +273,5 @@ def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tm
         assert process.returncode == 0, (name, logs[name])
         assert "lease ran out during the outage; result dropped" in logs[name], logs[name]
         assert "Traceback" not in logs[name], logs[name]
-    # The task took a second, the lease was two: well under ten, on a loaded machine too.
+    # The task took three seconds, the lease was two: well under ten, on a loaded machine too.
     assert took < 10, took
