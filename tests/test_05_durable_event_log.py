@@ -554,6 +554,8 @@ def append_is_blocked(url: str) -> bool:
         blocked = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'w-steps'"
             " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO task_events%'"
+            # This test's database only: the other test processes run workers named w too.
+            " AND datname = current_database()"
         ).fetchone()[0]
     return blocked == 1
 

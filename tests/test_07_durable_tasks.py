@@ -358,7 +358,7 @@ def blocked(url: str, application: str, query: str) -> bool:
     rows = sql(
         url,
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-        " AND wait_event_type = 'Lock' AND query LIKE %s",
+        " AND wait_event_type = 'Lock' AND query LIKE %s AND datname = current_database()",
         application,
         f"%{query}%",
     )
