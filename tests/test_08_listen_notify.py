@@ -177,8 +177,14 @@ def test_a_parent_resumes_within_50_ms_of_its_last_child_ending(
     lesson, url, engine, current_durable_task
 ):
     """The parents run on one worker, the children on another: the parents' worker hears of
-    the last child's end from the notification of the commit that queued the parent."""
-    engine.task("child")(lambda input: input)
+    the last child's end from the notification of the commit that queued the parent. The
+    children end only once their parent has suspended (otherwise it would not wait at all)."""
+    release = threading.Event()
+
+    @engine.task("child")
+    def child(input):
+        release.wait(30)
+        return input
 
     @engine.durable_task("parent")
     def parent(input):
@@ -194,7 +200,10 @@ def test_a_parent_resumes_within_50_ms_of_its_last_child_ending(
         listening(url, "parents")
         listening(url, "children")
         for _ in range(3):
+            release.clear()
             parent_id = engine.enqueue("parent")
+            wait_until(lambda parent_id=parent_id: engine.get(parent_id).status == "suspended")
+            release.set()
             assert engine.wait(parent_id, timeout=10).output == [0, 1, 2]
             resumed_after.append(
                 seconds(
