@@ -27,6 +27,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -326,6 +327,28 @@ def test_a_stale_completion_riding_with_a_claim_is_refused_by_the_fence(
         taken_over,
     )
     assert attempts == [(1, "failed", "A"), (2, "completed", "B")]
+
+
+def test_an_output_the_database_refuses_on_the_one_statement_turn_fails_alone(
+    lesson, url, engine, monkeypatch
+):
+    """The one-statement turn records its riders' outputs and claims in one statement: an
+    output the database refuses (a number with more digits than numeric holds) loses it all.
+    The worker then records the riders one by one, fails only that one, and goes on claiming.
+    Two slots and six tasks: the first claim fills both (a backlog), so the turns after it
+    take the one-statement way, and the refused output is in one of them."""
+    monkeypatch.setattr(sys, "get_int_max_str_digits", sys.get_int_max_str_digits)
+    sys.set_int_max_str_digits(0)
+    engine.task("report", max_attempts=1)(lambda input: 10**140_000 if input == 3 else input)
+    task_ids = engine.enqueue_many("report", range(6))
+    with running(worker(lesson, engine, slots=2, poll_interval=NO_POLL)):
+        tasks = [engine.wait(task_id, timeout=10) for task_id in task_ids]
+    sys.set_int_max_str_digits(4300)
+    assert [task.output for task in tasks] == [0, 1, 2, None, 4, 5]
+    assert [task.status for task in tasks] == ["completed"] * 3 + ["failed"] + ["completed"] * 2
+    assert tasks[3].error.startswith(
+        "return value could not be stored: NumericValueOutOfRange: value overflows numeric"
+    )
 
 
 def test_keys_come_first_on_the_one_statement_turn_too(lesson, url, engine):
