@@ -1,43 +1,40 @@
-"""How fast is this queue? Enqueue, burn-down and pickup latency, on this machine.
+"""What a durable sleep and an event cost, on this machine: going to sleep, sleeping, waking up.
 
 Run it (after `source .venv/bin/activate` at the repository root; about two minutes):
 
-    cd lessons/08-listen-notify && python bench.py
-    python bench.py --tasks 2000     # quicker, noisier
+    cd lessons/09-durable-sleep-and-events && python bench.py
+    python bench.py --quick           # fewer tasks and shorter windows: quicker, noisier
 
-It uses a database of its own (`lesson_08_bench`) on the same server as main.py, and prints
-the machine (CPU, cores, PostgreSQL version) and a table:
+It uses a database of its own (`lesson_09_bench`) on the same server as main.py, and prints
+the machine (CPU, cores, PostgreSQL version) and a table. The workers are PROCESSES
+(`python worker.py --tasks bench`, this file being their task module: `register()` below),
+1 worker x 20 slots unless a row says otherwise; every time is from the database clock.
 
-- enqueue: tasks per second, one `engine.enqueue()` per task, then `engine.enqueue_many()` in
-  batches of 1,000;
-- burn-down: N no-op tasks, drained by W worker PROCESSES (`python worker.py --tasks bench`)
-  with S slots each; a claim takes up to S tasks. The tasks are enqueued once every worker
-  listens, all in one transaction: its one notification starts them all. Measured on the
-  database clock, from the first claim to the last completion; the median of three rounds;
-- the same, 1 worker x 10 slots, with 5,000 and with 40,000 tasks: the tables grow during each
-  round, and the rate must not fall with their size ("Stale plans", docs/performance.md);
-- pickup latency: how long a task waits between its INSERT and its claim by an idle worker
-  (created_at to started_at, both from the database clock): one that listens (lesson 08), and
-  one that polls every P seconds (lesson 07's way, `Worker(listen=False)`);
-- the thundering herd: the same with 1 and with 8 idle worker processes, which every
-  notification wakes; and what it costs, in transactions per task, from the database's
-  statistics (pg_stat_database: the workers' claims, wins and losses, and completions);
-- NOTIFY's lock: single-row enqueues per second from 1 and from 8 clients, with the trigger
-  that notifies, and with it disabled;
-- durable steps: a function of ten no-op steps, one at a time in one worker. On its first
-  attempt each step is one fenced INSERT and its commit; the function then fails, and attempt 2
-  replays the ten steps from one history query. The median time per step, for each attempt.
-- children (lesson 07): a durable task spawns 100 no-op children and waits for all of them, on
-  one worker with 10 slots: the median time per spawn (one transaction: the child's INSERT
-  and its event's), and from the parent's INSERT to its completion (the database clock).
-
-This file is also the task module of those worker processes: `register()` below.
+- yardstick: single-row INSERTs, each its own commit, per second: a sleep is two commits;
+- going to sleep: N durable tasks that each call ctx.sleep_for("nap", 3600), enqueued in one
+  statement once the worker listens: tasks per second from the first claim to the last
+  suspension (task_attempts: the first started_at, the last finished_at), and transactions
+  committed per task (pg_stat_database: the claims, each sleep's deadline and its suspension);
+- idle cost: transactions per second committed while the worker is idle, with no sleepers and
+  then with those N asleep for an hour. A sleeper is a row with a run_at, which no worker holds
+  and no query visits until it is due: the two rates should be the same, next to nothing (the
+  safety poll, every 5 s);
+- waking on time: 1,000 tasks that each ctx.sleep_until("alarm", T), one shared instant T a few
+  seconds ahead, all asleep before it comes: how long after T each task's next attempt starts
+  (the median, the 99th percentile and the last), with 1 and with 2 workers x 20 slots. The
+  worker's alarm rings at T (NextDue); each claim then promotes a bounded batch of sleepers;
+- event round trip: a task waiting for an event (no timeout: suspended), and the benchmark's
+  engine.send_event(); from the event's sent_at to the start of the task's next attempt, one
+  sample at a time, with the worker idle;
+- durable sleep, first run: how long ctx.sleep_for() takes before the attempt ends, timed in
+  the function, on a worker thread of this process with 1 slot: the deadline appended to the
+  log (AppendDeadline), then the attempt suspended (SuspendUntil), a commit each.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import datetime
 import os
 import platform
 import random
@@ -46,7 +43,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, LiteralString
 
@@ -57,50 +53,54 @@ from hardway.postgres import recreate_database, server_url
 from worker import Worker
 
 LESSON_DIR = Path(__file__).resolve().parent
-DBNAME = "lesson_08_bench"
+DBNAME = "lesson_09_bench"
+SLOTS = 20
+NAP = 3600  # seconds: the sleepers of the first rows sleep through the whole benchmark
 
 
-def scalar(conn: psycopg.Connection, query: LiteralString) -> Any:
+def scalar(conn: psycopg.Connection, query: LiteralString, params: Any = None) -> Any:
     """The one value that `query` returns (a count, a setting)."""
-    row = conn.execute(query).fetchone()
+    row = conn.execute(query, params).fetchone()
     assert row is not None, query
     return row[0]
 
 
-def noop(input: object) -> None:
-    return None
-
-
+# region: tasks
 def register(engine: Engine) -> None:
     """The tasks of the benchmark's worker processes (`python worker.py --tasks bench`)."""
-    engine.task("noop")(noop)
-    engine.durable_task("ten_steps", backoff=0.01)(ten_steps)
-    engine.durable_task("fan_out")(fan_out)
+    engine.durable_task("nap")(nap)
+    engine.durable_task("alarm")(alarm)
+    engine.durable_task("await_event")(await_event)
+    engine.durable_task("timed_nap")(timed_nap)
 
 
-step_timings: list[tuple[int, float]] = []  # (attempt, seconds per step), one per attempt
+def nap(input: object) -> None:
+    current_durable_task().sleep_for("nap", NAP)
 
 
-def ten_steps(input: object) -> None:
+def alarm(when: str) -> None:
+    current_durable_task().sleep_until("alarm", datetime.datetime.fromisoformat(when))
+
+
+def await_event(name: str) -> Any:
+    return current_durable_task().wait_for_event(name)
+
+
+sleep_timings: list[float] = []  # seconds in ctx.sleep_for(), one per first attempt
+
+
+def timed_nap(input: object) -> None:
     ctx = current_durable_task()
     started = time.perf_counter()
-    for i in range(10):
-        ctx.step("noop", noop, i)
-    step_timings.append((ctx.attempt, (time.perf_counter() - started) / 10))
-    if ctx.attempt == 1:
-        raise RuntimeError("fail after ten steps, so that attempt 2 replays them")
+    try:
+        ctx.sleep_for("nap", NAP)
+    finally:
+        # sleep_for() ends the attempt by raising TaskSuspended: timed on its way out.
+        if ctx.attempt == 1:
+            sleep_timings.append(time.perf_counter() - started)
 
 
-spawn_timings: list[float] = []  # seconds per spawn, one per first run of fan_out
-
-
-def fan_out(n: int) -> None:
-    ctx = current_durable_task()
-    started = time.perf_counter()
-    handles = [ctx.spawn("noop", i) for i in range(n)]
-    if ctx.attempt == 1:  # the resumed run replays the spawns: not what is measured
-        spawn_timings.append((time.perf_counter() - started) / n)
-    ctx.wait_all(handles)
+# endregion
 
 
 def machine(url: str) -> str:
@@ -128,8 +128,8 @@ def machine(url: str) -> str:
 def bench_commit(url: str, n: int = 1000) -> float:
     """The yardstick: single-row INSERTs, each its own transaction, per second (1 client).
 
-    Every enqueue, claim and completion ends in a commit, and a commit waits for the disk: how
-    fast this machine commits right now says more about the numbers below than its CPU does.
+    Going to sleep is two commits (the deadline, the suspension), and a commit waits for the
+    disk: how fast this machine commits right now says more about the rows below than its CPU.
     """
     with psycopg.connect(url, autocommit=True) as conn:
         # A real table: a TEMP table's rows are not written to the WAL, so no wait for the disk.
@@ -143,34 +143,21 @@ def bench_commit(url: str, n: int = 1000) -> float:
 
 
 def fresh(url: str) -> None:
-    """An empty queue, so that every round starts alike (dead rows would slow the next one)."""
+    """Empty tables, so that every row starts alike."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
-            "TRUNCATE tasks, task_attempts, task_events, operator_actions, concurrency_keys"
+            "TRUNCATE tasks, task_attempts, task_events, operator_actions, concurrency_keys,"
+            " sent_events"
         )
 
 
-def bench_enqueue(engine: Engine, single: int = 2000, batched: int = 20_000) -> tuple[float, float]:
-    """(tasks/s one at a time, tasks/s in batches of 1,000)."""
-    started = time.perf_counter()
-    for i in range(single):
-        engine.enqueue("noop", i)
-    one_by_one = single / (time.perf_counter() - started)
-    started = time.perf_counter()
-    for first in range(0, batched, 1000):
-        engine.enqueue_many("noop", range(first, first + 1000))
-    return one_by_one, batched / (time.perf_counter() - started)
-
-
-def start_workers(
-    count: int, slots: int, poll: float, listen: bool = True
-) -> list[subprocess.Popen]:
+# region: workers
+def start_workers(count: int, slots: int = SLOTS, poll: float = 5.0) -> list[subprocess.Popen]:
     env = dict(os.environ, LESSON_DBNAME=DBNAME)
     return [
         subprocess.Popen(
             [sys.executable, str(LESSON_DIR / "worker.py"), "--tasks", "bench"]
-            + ["--name", f"bench-{i}", "--slots", str(slots), "--poll-interval", str(poll)]
-            + ([] if listen else ["--no-listen"]),
+            + ["--name", f"bench-{i}", "--slots", str(slots), "--poll-interval", str(poll)],
             env=env,
             stderr=subprocess.DEVNULL,
         )
@@ -185,63 +172,9 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
         process.wait(timeout=60)
 
 
-def bench_burn_down(
-    engine: Engine, url: str, n: int, workers: int, slots: int, rounds: int = 3
-) -> float:
-    """Tasks/s, the median of `rounds` rounds: n queued no-ops drained by `workers` processes."""
-    # The lesson's default poll: a notification starts the burn-down.
-    processes = start_workers(workers, slots, poll=5.0)
-    rates = []
-    try:
-        for _ in range(rounds):
-            fresh(url)
-            listening(url, expected=workers)
-            # All of them in one transaction: one commit, one notification, and every worker
-            # starts at once.
-            engine.enqueue_many("noop", range(n))
-            with psycopg.connect(url, autocommit=True) as conn:
-                done = "SELECT count(*) FROM tasks WHERE status = 'completed'"
-                while scalar(conn, done) < n:
-                    time.sleep(0.1)
-                seconds = scalar(
-                    conn,
-                    "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
-                    " FROM tasks",
-                )
-            rates.append(n / seconds)
-    finally:
-        stop_workers(processes)
-    return statistics.median(rates)
-
-
-def bench_latency(
-    engine: Engine, url: str, poll: float, samples: int, listen: bool = True
-) -> tuple[float, float]:
-    """(p50, p99) milliseconds from INSERT to claim, for an idle worker: listening for
-    notifications (its safety poll every `poll` s), or, with listen=False, polling every `poll` s.
-    """
-    fresh(url)
-    stop = threading.Event()
-    worker = Worker(engine, name="latency", poll_interval=poll, listen=listen)
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    try:
-        listening(url, expected=1 if listen else 0)
-        ids = []
-        for _ in range(samples):
-            # Arrive at a random point of the poll cycle (of a tenth of a second, listening).
-            time.sleep(random.uniform(0, 0.1 if listen else 2 * poll))
-            ids.append(engine.enqueue("noop"))
-            engine.wait(ids[-1])
-    finally:
-        stop.set()
-        thread.join()
-    return pickup_quantiles(url)
-
-
 def listening(url: str, expected: int) -> None:
-    """Wait until `expected` listeners have sent their LISTEN: none of the samples may be
-    enqueued before a worker can hear of it."""
+    """Wait until `expected` listeners have sent their LISTEN: no task may be enqueued before a
+    worker can hear of it."""
     query = (
         "SELECT count(*) FROM pg_stat_activity"
         " WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
@@ -251,190 +184,220 @@ def listening(url: str, expected: int) -> None:
             time.sleep(0.01)
 
 
-def pickup_quantiles(url: str) -> tuple[float, float]:
-    """(p50, p99) milliseconds from created_at to started_at, over every task."""
-    with psycopg.connect(url) as conn:
-        waits = [
-            row[0]
-            for row in conn.execute(
-                "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000 FROM tasks"
-            )
-        ]
-    quantiles = statistics.quantiles(waits, n=100, method="inclusive")
-    return quantiles[49], quantiles[98]
+# endregion
 
 
-def transactions(url: str) -> int:
-    """Transactions committed in the database so far, as its statistics say. The other
-    sessions report theirs within a second of going idle: wait 1.5 s before reading."""
+def wait_for(conn: psycopg.Connection, query: LiteralString, n: int, timeout: float = 300) -> int:
+    """Poll until `query` counts `n`, every 0.1 s; return how many polls (each a transaction)."""
+    deadline = time.monotonic() + timeout
+    polls = 1
+    while scalar(conn, query) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still fewer than {n} after {timeout:g}s: {query}")
+        time.sleep(0.1)
+        polls += 1
+    return polls
+
+
+def transactions(server: str) -> int:
+    """Transactions committed in the benchmark's database so far, as its statistics say.
+
+    Read from the server's maintenance database, so that reading them adds none to the count.
+    The other sessions report theirs within a second of going idle: wait 1.5 s before reading.
+    """
     time.sleep(1.5)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(server, autocommit=True) as conn:
         return scalar(
-            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (DBNAME,)
         )
 
 
-def bench_herd(url: str, workers: int, samples: int = 100) -> tuple[float, float, float]:
-    """(p50 ms, p99 ms, worker transactions per task) with `workers` idle listening worker
-    PROCESSES: every notification wakes all of them, one claims the task, and the others'
-    claims find nothing (SKIP LOCKED). Tasks enqueued one at a time, every 10-30 ms."""
+def idle_rate(url: str, server: str, seconds: float) -> float:
+    """Transactions per second committed in the database over `seconds`, all of them by the
+    idle workers (this process commits none meanwhile)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        # Vacuumed and analyzed now, so that autovacuum finds nothing to do during the window.
+        conn.execute("VACUUM ANALYZE tasks, task_attempts, task_events")
+    before = transactions(server)
+    started = time.monotonic()
+    time.sleep(seconds)
+    after = transactions(server)
+    return (after - before) / (time.monotonic() - started)
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """(p50, p99)."""
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[49], cuts[98]
+
+
+def bench_going_to_sleep(
+    engine: Engine, url: str, server: str, n: int, window: float
+) -> tuple[float, float, float, float]:
+    """(tasks/s, transactions per task, idle transactions/s with 0 and with n sleepers)."""
     fresh(url)
-    processes = start_workers(workers, slots=1, poll=5.0)
+    processes = start_workers(1)
     try:
-        listening(url, expected=workers)
-        before = transactions(url)
-        with psycopg.connect(url, autocommit=True) as client:
-            for i in range(samples):
-                time.sleep(random.uniform(0.01, 0.03))
-                client.execute(
-                    "INSERT INTO tasks (name, input) VALUES ('noop', %s::jsonb)", (str(i),)
-                )
-            done = "SELECT count(*) FROM tasks WHERE status = 'completed'"
-            while scalar(client, done) < samples:
-                time.sleep(0.05)
-        after = transactions(url)
+        listening(url, expected=1)
+        idle_empty = idle_rate(url, server, window)
+        before = transactions(server)
+        with psycopg.connect(url, autocommit=True) as conn:
+            engine.enqueue_many("nap", range(n))
+            asleep = "SELECT count(*) FROM task_attempts WHERE status = 'suspended'"
+            polls = wait_for(conn, asleep, n)
+            seconds = scalar(
+                conn,
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at))::float8"
+                " FROM task_attempts",
+            )
+        # Ours, in the benchmark's database: the enqueue, the polling connection's start, its
+        # polls and the query above.
+        after = transactions(server) - (polls + 3)
+        idle_asleep = idle_rate(url, server, window)
     finally:
         stop_workers(processes)
-    # Ours: one per INSERT, the count queries, and the reading of the statistics.
-    client_side = samples + 2 * math.ceil(samples / 20) + 10
-    worker_side = max(0, after - before - client_side)
-    return (*pickup_quantiles(url), worker_side / samples)
+    return n / seconds, (after - before) / n, idle_empty, idle_asleep
 
 
-def insert_for(url: str, seconds: float) -> int:
-    """Single-row INSERTs, each its own transaction, for `seconds`; how many."""
-    inserted = 0
-    deadline = time.monotonic() + seconds
-    with psycopg.connect(url, autocommit=True) as conn:
-        while time.monotonic() < deadline:
-            conn.execute("INSERT INTO tasks (name, input) VALUES ('noop', '1')")
-            inserted += 1
-    return inserted
-
-
-def bench_notify_lock(url: str, clients: int, seconds: float = 3.0) -> tuple[float, float]:
-    """Single-row enqueues per second from `clients` threads, each on its own connection:
-    (with the notifying trigger, without it). NOTIFY serializes commits: the commit of a
-    transaction that notified takes a lock that every other such commit waits for."""
-    rates = []
-    for trigger in ("ENABLE", "DISABLE"):
-        fresh(url)
-        with psycopg.connect(url, autocommit=True) as admin:
-            admin.execute(f"ALTER TABLE tasks {trigger} TRIGGER tasks_notify_enqueued")
-        with ThreadPoolExecutor(clients) as pool:
-            inserted = pool.map(lambda _: insert_for(url, seconds), range(clients))
-        rates.append(sum(inserted) / seconds)
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute("ALTER TABLE tasks ENABLE TRIGGER tasks_notify_enqueued")
-    return rates[0], rates[1]
-
-
-def bench_steps(engine: Engine, url: str, tasks: int = 200) -> tuple[float, float]:
-    """Median seconds per durable step: (first run, replayed), over `tasks` functions."""
+def bench_wake(
+    engine: Engine, url: str, workers: int, n: int, lead: float
+) -> tuple[float, float, float, int]:
+    """(p50, p99, last) milliseconds from the shared wake-up time to each task's next attempt,
+    and how many of the n were asleep before that time came (all of them, or the lead was too
+    short for this machine)."""
     fresh(url)
-    step_timings.clear()
-    stop = threading.Event()
-    worker = Worker(engine, name="steps", poll_interval=0.01)
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
+    processes = start_workers(workers)
     try:
-        for task_id in engine.enqueue_many("ten_steps", range(tasks)):
-            engine.wait(task_id)
-    finally:
-        stop.set()
-        thread.join()
-    first = statistics.median(t for attempt, t in step_timings if attempt == 1)
-    return first, statistics.median(t for attempt, t in step_timings if attempt == 2)
-
-
-def bench_children(engine: Engine, url: str, rounds: int = 9) -> tuple[float, float]:
-    """Median (seconds per spawn, seconds from enqueue to fan-in) of a 100-child fan-out."""
-    fresh(url)
-    spawn_timings.clear()
-    stop = threading.Event()
-    worker = Worker(engine, name="children", slots=10, poll_interval=0.01)
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    try:
-        ids = []
-        for _ in range(rounds):
-            ids.append(engine.enqueue("fan_out", 100))
-            engine.wait(ids[-1])
-    finally:
-        stop.set()
-        thread.join()
-    with psycopg.connect(url) as conn:
-        totals = [
-            row[0]
-            for row in conn.execute(
-                "SELECT extract(epoch FROM finished_at - created_at)::float8 FROM tasks"
-                " WHERE id = ANY(%s)",
-                (ids,),
+        listening(url, expected=workers)
+        with psycopg.connect(url, autocommit=True) as conn:
+            # On the engine's clock, which the sleep's deadline is compared with.
+            wake_at = scalar(conn, "SELECT clock_now()") + datetime.timedelta(seconds=lead)
+            engine.enqueue_many("alarm", [wake_at.isoformat()] * n)
+            # Every first attempt over: asleep, or completed if T came before it slept.
+            first_ends = (
+                "SELECT count(*) FROM task_attempts WHERE attempt = 1 AND finished_at IS NOT NULL"
             )
-        ]
-    return statistics.median(spawn_timings), statistics.median(totals)
+            wait_for(conn, first_ends, n)
+            asleep = scalar(
+                conn,
+                "SELECT count(*) FROM task_attempts"
+                " WHERE attempt = 1 AND status = 'suspended' AND finished_at < %s",
+                (wake_at,),
+            )
+            wait_for(conn, "SELECT count(*) FROM tasks WHERE status = 'completed'", n)
+            delays = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT extract(epoch FROM started_at - %s)::float8 * 1000"
+                    " FROM task_attempts WHERE attempt = 2",
+                    (wake_at,),
+                )
+            ]
+    finally:
+        stop_workers(processes)
+    return (*quantiles(delays), max(delays), asleep)
+
+
+def bench_event_round_trip(engine: Engine, url: str, samples: int) -> tuple[float, float]:
+    """(p50, p99) milliseconds from an event's sent_at to the start of its waiter's next
+    attempt, one waiter at a time, with the worker idle."""
+    fresh(url)
+    processes = start_workers(1)
+    try:
+        listening(url, expected=1)
+        with psycopg.connect(url, autocommit=True) as conn:
+            for i in range(samples):
+                task_id = engine.enqueue("await_event", f"ping-{i}")
+                suspended = "SELECT count(*) FROM tasks WHERE id = %s AND status = 'suspended'"
+                while not scalar(conn, suspended, (task_id,)):
+                    time.sleep(0.005)
+                # Time for the worker to finish its turn, and wait: idle when the event comes.
+                time.sleep(random.uniform(0.02, 0.04))
+                sent = engine.send_event(f"ping-{i}", i)
+                assert sent.woken == [task_id], sent
+                engine.wait(task_id)
+            round_trips = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT extract(epoch FROM a.started_at - e.sent_at)::float8 * 1000"
+                    " FROM task_attempts AS a"
+                    " JOIN tasks AS t ON t.id = a.task_id"
+                    " JOIN sent_events AS e ON e.name = t.input #>> '{}'"
+                    " WHERE a.attempt = 2"
+                )
+            ]
+    finally:
+        stop_workers(processes)
+    return quantiles(round_trips)
+
+
+def bench_sleep_call(engine: Engine, url: str, tasks: int) -> float:
+    """Median seconds in ctx.sleep_for() on a first run, 1 worker thread, 1 slot."""
+    fresh(url)
+    sleep_timings.clear()
+    stop = threading.Event()
+    worker = Worker(engine, name="naps", poll_interval=5.0)
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        listening(url, expected=1)
+        engine.enqueue_many("timed_nap", range(tasks))
+        with psycopg.connect(url, autocommit=True) as conn:
+            wait_for(conn, "SELECT count(*) FROM tasks WHERE status = 'scheduled'", tasks)
+    finally:
+        stop.set()
+        thread.join()
+    return statistics.median(sleep_timings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=10_000, help="tasks per burn-down round")
+    parser.add_argument("--quick", action="store_true", help="fewer tasks, shorter windows")
+    parser.add_argument("--tasks", type=int, help="sleepers going to sleep (default 10,000)")
     args = parser.parse_args()
-    url = recreate_database(server_url(), DBNAME, (LESSON_DIR / "sql/schema.sql").read_text())
+    sleepers = args.tasks or (2_000 if args.quick else 10_000)
+    alarms = 300 if args.quick else 1_000
+    window = 5.0 if args.quick else 10.0  # seconds of idle worker measured, each time
+    lead = 4.0 if args.quick else 6.0  # seconds from the enqueue of the alarms to their time
+    samples = 40 if args.quick else 100
+    server = server_url()
+    url = recreate_database(server, DBNAME, (LESSON_DIR / "sql/schema.sql").read_text())
     print(machine(url))
     rows = []
     with Engine(url) as engine:
         register(engine)
         commits = bench_commit(url)
         rows.append(("yardstick: INSERT + commit, 1 client", f"{commits:,.0f} commits/s"))
-        single, batched = bench_enqueue(engine)
-        rows.append(("enqueue, one task per call (1 client)", f"{single:,.0f} tasks/s"))
-        rows.append(("enqueue_many, 1,000 per call (1 client)", f"{batched:,.0f} tasks/s"))
-        for workers, slots in [(1, 10), (1, 100), (2, 100), (4, 50)]:
-            rate = bench_burn_down(engine, url, args.tasks, workers, slots)
-            rows.append(
-                (
-                    f"burn-down {args.tasks:,} no-ops, {workers} worker(s) x {slots} slots",
-                    f"{rate:,.0f} tasks/s",
-                )
-            )
-        # Every round starts from empty tables, which grow as it runs: the rate at 40,000 tasks
-        # must stay close to the rate at 5,000, whatever the planner thought of them at first.
-        for tasks in (5_000, 40_000):
-            rate = bench_burn_down(engine, url, tasks, 1, 10)
-            rows.append(
-                (f"burn-down {tasks:,} no-ops, 1 worker x 10 slots", f"{rate:,.0f} tasks/s")
-            )
-        p50, p99 = bench_latency(engine, url, 5.0, samples=100)
-        rows.append(
-            ("pickup latency, notified (idle worker)", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        rate, per_task, idle_empty, idle_asleep = bench_going_to_sleep(
+            engine, url, server, sleepers, window
         )
-        for poll in (0.5, 0.05):
-            p50, p99 = bench_latency(engine, url, poll, samples=40, listen=False)
-            rows.append(
-                (f"pickup latency, polling every {poll:g} s", f"p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+        rows.append(
+            (
+                f"going to sleep: {sleepers:,} x sleep_for(1 h), 1 x {SLOTS}",
+                f"{rate:,.0f} tasks/s, {per_task:.1f} transactions per task",
             )
-        for workers in (1, 8):
-            p50, p99, per_task = bench_herd(url, workers)
+        )
+        rows.append(
+            (
+                f"idle worker, 0 sleepers / {sleepers:,} sleepers",
+                f"{idle_empty:.2f} / {idle_asleep:.2f} transactions/s",
+            )
+        )
+        for workers in (1, 2):
+            p50, p99, last, asleep = bench_wake(engine, url, workers, alarms, lead)
+            late = "" if asleep == alarms else f" (only {asleep:,} asleep before it: too late)"
             rows.append(
                 (
-                    f"{workers} idle worker(s), one task at a time",
-                    f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {per_task:.1f} transactions per task",
+                    f"waking on time: {alarms:,} x sleep_until(T), {workers} x {SLOTS}",
+                    f"after T: p50 {p50:.0f} ms, p99 {p99:.0f} ms, last {last:.0f} ms{late}",
                 )
             )
-        for clients in (1, 8):
-            notified, silent = bench_notify_lock(url, clients)
-            rows.append(
-                (
-                    f"INSERT + commit, {clients} client(s): with NOTIFY / without",
-                    f"{notified:,.0f} / {silent:,.0f} tasks/s",
-                )
-            )
-        first, replayed = bench_steps(engine, url)
-        rows.append(("durable step, first run (1 worker, 1 slot)", f"{first * 1000:.2f} ms"))
-        rows.append(("durable step, replayed", f"{replayed * 1000:.3f} ms"))
-        spawn, total = bench_children(engine, url)
-        rows.append(("child spawn (child + event, one commit)", f"{spawn * 1000:.2f} ms"))
-        rows.append(("100 children, spawned and waited for, 1 x 10", f"{total * 1000:.0f} ms"))
+        p50, p99 = bench_event_round_trip(engine, url, samples)
+        rows.append(
+            ("event round trip: sent_at to next attempt", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        )
+        sleep_call = bench_sleep_call(engine, url, tasks=200)
+        rows.append(("durable sleep, first run (1 worker, 1 slot)", f"{sleep_call * 1000:.2f} ms"))
     width = max(len(what) for what, _ in rows)
     for what, result in rows:
         print(f"  {what:<{width}}  {result}")

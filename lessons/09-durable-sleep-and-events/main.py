@@ -1,177 +1,171 @@
-"""Lesson 08: LISTEN/NOTIFY. Workers hear of new work the moment it is committed.
+"""Lesson 09: durable sleep and events. An expense claim waits for a person, holding nothing.
 
 Run it (after `source .venv/bin/activate` at the repository root):
 
-    cd lessons/08-listen-notify && python main.py
-    # or, from the repository root: python lessons/08-listen-notify/main.py
+    cd lessons/09-durable-sleep-and-events && python main.py
+    # or, from the repository root: python lessons/09-durable-sleep-and-events/main.py
 
-You will see, in about ten seconds, the same demo run twice, on two workers, one for lesson
-07's agent and one for its tools: first polling every 50 ms, as lesson 07's fastest worker did
-(`Worker(listen=False)`), then listening for notifications, with a safety poll every 5 seconds
-(`Worker()`, this lesson):
+You will see, in about ten seconds, a durable task (expense_tasks.py) ask Bea to approve
+expense claim 1, then wait for the event `approved:1`, sending her a reminder each time its
+wait times out (every 1.5 s here; a day, in real life). It runs in worker processes:
 
-1. pickup: 20 tasks enqueued one by one at random moments, and how long each waited between
-   its INSERT and its claim (p50 and p99, from the database's clock);
-2. idle cost: how many times per second the worker claims (one transaction of three to five
-   statements each time) while there is nothing to do;
-3. the agent waiting for its tools (child tasks, run by the other worker): how long after its
-   last child ended it was running again.
-
-Then 4. what a listener hears, on a connection of its own that ran `LISTEN task_ready`: nothing
-before a commit, nothing after a rollback, and one notification for 1,000 tasks enqueued at once.
+1. worker-A runs it: it asks, waits, reminds, waits... While it waits, the task is a row with
+   a time (`scheduled`, its next reminder), on no worker;
+2. main.py kills worker-A with kill -9, while the claim waits, and starts worker-B. Nothing is
+   lost: worker-B sends the next reminder, when it is due, and only that one;
+3. the approval: from another terminal, `python approve.py 1 yes`; or main.py sends it
+   itself, at once when it has no terminal (the tests, the docs), else after 30 s;
+4. worker-B's run receives it, sleeps a durable cooling-off second, and pays. Then the task's
+   log, event by event, and the side effects, each of which happened once.
 """
 
-import random
-import statistics
-import threading
+import json
+import subprocess
+import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import demo_tasks
-import psycopg
-from db.models import Task
+import expense_tasks
 from engine import Engine
 from hardway.postgres import describe, lesson_database
-from worker import Finished, Worker
 
 LESSON_DIR = Path(__file__).resolve().parent
-SAMPLES = 20
+CLAIM = {
+    "claim": 1, "employee": "Ana", "approver": "Bea", "amount": 42.5,
+    "remind": 1.5, "cooling_off": 1.0,  # seconds
+}  # fmt: skip
+WAIT_FOR_A_PERSON = 30.0  # seconds, with a terminal
 
 
-TOOLS = ["weather", "find_parks", "read_reviews"]
+def start_worker(name: str) -> subprocess.Popen:
+    """A worker process, as `python worker.py --tasks expense_tasks` would start it."""
+    command = [sys.executable, str(LESSON_DIR / "worker.py"), "--tasks", "expense_tasks"]
+    command += ["--name", name, "--lease", "5"]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
 
 
-class CountedWorker(Worker):
-    """A Worker that counts its claims: the idle cost, measured."""
+class Effects:
+    """Prints the rows of expense_effects as they appear, with the worker that wrote them."""
 
-    claims = 0
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen = 0
+        self.workers: dict[int, str] = {}  # pid -> worker name
 
-    def claim(
-        self, conn: psycopg.Connection, max_tasks: int, riders: Sequence[Finished] = ()
-    ) -> list[Task]:
-        self.claims += 1
-        return super().claim(conn, max_tasks, riders)
+    def follow(self, until: str) -> None:
+        """Print new effects until one is `until`."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with self.engine.pool.connection() as conn:
+                rows = conn.execute(
+                    "SELECT effect, pid FROM expense_effects ORDER BY at OFFSET %s", (self.seen,)
+                ).fetchall()
+            for effect, pid in rows:
+                self.seen += 1
+                print(f"   {self.workers.get(pid, pid)}: {effect}")
+                if effect.startswith(until):
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"no effect {until!r} within 60 s")
 
 
 def main() -> None:
-    # A fresh `lesson_08` database, loaded from sql/schema.sql: every run starts clean.
+    # A fresh `lesson_09` database, loaded from sql/schema.sql: every run starts clean.
     url = lesson_database(LESSON_DIR)
     print(describe(url))
     with Engine(url) as engine:
         with engine.pool.connection() as conn:
-            conn.execute(demo_tasks.EFFECTS_TABLE)  # the agent's tools write there
-        demo_tasks.register(engine)
-        engine.task("noop")(lambda input: None)
-        results = []
-        for mode, poll_interval, listen in [
-            ("polling every 50 ms (lesson 07)", 0.05, False),
-            ("notifications (this lesson)", 5.0, True),
-        ]:
-            print(f"{mode}:")
-            agents, tools = (
-                CountedWorker(engine, name, 4, poll_interval, listen=listen, task_names=names)
-                for name, names in [("agents", ["research", "noop"]), ("tools", TOOLS)]
-            )
-            results.append(demo(engine, agents, tools))
-        (polled_p50, polled_claims), (notified_p50, notified_claims) = results
+            conn.execute(expense_tasks.EFFECTS_TABLE)
+        expense_tasks.register(engine)  # main.py only enqueues: the workers run it
+        task_id = engine.enqueue("expense", CLAIM)
+        effects = Effects(engine)
+        workers = []
+        try:
+            print("1. worker-A runs the claim: it asks Bea, and waits for approved:1")
+            workers.append(start_worker("worker-A"))
+            effects.workers[workers[0].pid] = "worker-A"
+            effects.follow(until="reminder 2")
+            waiting(engine, task_id)
+
+            print("2. kill -9 worker-A while the claim waits; start worker-B")
+            workers[0].kill()
+            workers[0].wait()
+            workers.append(start_worker("worker-B"))
+            effects.workers[workers[1].pid] = "worker-B"
+            effects.follow(until="reminder 3")
+            waiting(engine, task_id)
+
+            print("3. the approval")
+            approve(engine, effects)
+            done = engine.wait(task_id, timeout=60)
+            effects.follow(until="paid")
+            print(f"4. task {task_id} {done.status}: {done.output!r}")
+            timeline(engine, task_id)
+            happened_once(engine)
+        except BaseException:
+            for worker in workers:
+                worker.kill()
+                print(worker.communicate()[1], file=sys.stderr)  # what the worker logged
+            raise
+        finally:
+            for worker in workers:
+                worker.terminate()
+                worker.wait()
+
+
+def waiting(engine: Engine, task_id: int) -> None:
+    """Wait until the task has suspended again, and say what it is meanwhile: a row."""
+    deadline = time.monotonic() + 30
+    while (task := engine.get(task_id)) is None or task.awaiting_event is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the claim did not go back to waiting")
+        time.sleep(0.02)
+    lease = "no lease" if task.lease_expires_at is None else "a lease"
+    print(
+        f"   the task: {task.status} until its next reminder, awaiting {task.awaiting_event};"
+        f" {lease}, on no worker"
+    )
+
+
+# region: approve
+def approve(engine: Engine, effects: Effects) -> None:
+    """A person's approval, from approve.py; or main.py's, when nobody is there to give one."""
+    if sys.stdin.isatty():
+        print("   approve it from another terminal: python approve.py 1 yes (or no);")
+        print(f"   main.py approves it itself in {WAIT_FOR_A_PERSON:.0f} s")
+        deadline = time.monotonic() + WAIT_FOR_A_PERSON
+        while time.monotonic() < deadline:
+            with engine.pool.connection() as conn:
+                if conn.execute("SELECT 1 FROM sent_events WHERE name = 'approved:1'").fetchone():
+                    print("   approve.py sent approved:1")
+                    return
+            time.sleep(0.1)
+    sent = engine.send_event("approved:1", {"approved": True, "by": "main.py"})
+    print(f"   main.py sent approved:1; it woke task {', '.join(map(str, sent.woken))}")
+
+
+# endregion
+
+
+def timeline(engine: Engine, task_id: int) -> None:
+    """The task's log, one line per event, with the attempt (and worker) that recorded it."""
+    workers = {a.attempt: a.worker for a in engine.attempts(task_id)}
+    for event in engine.events(task_id):
+        result = "" if event.result is None else f" {json.dumps(event.result)}"
+        if event.kind in ("sleep_started", "event_awaited"):
+            result = " (until: a time on the database's clock)"  # differs from run to run
         print(
-            f"notifications vs polling: pickup p50 {polled_p50 / notified_p50:.0f}x faster;"
-            f" idle, {notified_claims:.1f} claims/s instead of {polled_claims:.1f} claims/s"
+            f"   {event.seq:>2} {event.kind:<15} {event.name:<11}"
+            f" attempt {event.attempt} on {workers[event.attempt]}{result}"
         )
-        what_a_listener_hears(engine)
 
 
-def demo(engine: Engine, agents: CountedWorker, tools: CountedWorker) -> tuple[float, float]:
-    """Parts 1-3 on these workers: (pickup p50 in ms, idle claims per second)."""
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,)) for w in (agents, tools)]
-    for thread in threads:
-        thread.start()
-    try:
-        p50, p99 = pickup(engine)
-        print(f"  1. pickup of {SAMPLES} tasks: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-        before = agents.claims
-        time.sleep(2.0)
-        rate = (agents.claims - before) / 2.0
-        print(f"  2. idle for 2 s: {rate:.1f} claims/s")
-        print(f"  3. the agent resumed {resumed_after(engine):.1f} ms after its last tool ended")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    return p50, rate
-
-
-# region: pickup
-def pickup(engine: Engine) -> tuple[float, float]:
-    """Enqueue tasks one by one, at random moments; (p50, p99) of created_at -> started_at."""
-    ids = []
-    for i in range(SAMPLES):
-        time.sleep(random.uniform(0, 0.1))  # arrive anywhere in the poll cycle
-        ids.append(engine.enqueue("noop", i))
-        engine.wait(ids[-1])
+def happened_once(engine: Engine) -> None:
     with engine.pool.connection() as conn:
-        waits = [
-            row[0]
-            for row in conn.execute(
-                "SELECT extract(epoch FROM started_at - created_at)::float8 * 1000"
-                " FROM tasks WHERE id = ANY(%s)",
-                (ids,),
-            )
-        ]
-    quantiles = statistics.quantiles(waits, n=100, method="inclusive")
-    return quantiles[49], quantiles[98]
-
-
-# endregion
-
-
-def resumed_after(engine: Engine) -> float:
-    """Run the agent (research, demo_tasks.py), and return the milliseconds between its last
-    child's end and the start of its next attempt: the wake-up, the claim, and nothing else.
-    Its tools run on the other worker, so the agent's worker hears of it from the database."""
-    question = "Where should we picnic in Edinburgh?"
-    agent = engine.enqueue("research", {"question": question, "review_seconds": 0.2})
-    engine.wait(agent, timeout=60)
-    with engine.pool.connection() as conn:
-        row = conn.execute(
-            "SELECT extract(epoch FROM (SELECT started_at FROM task_attempts"
-            "   WHERE task_id = %(agent)s AND attempt = 2)"
-            " - (SELECT max(finished_at) FROM tasks WHERE parent_id = %(agent)s))::float8 * 1000",
-            {"agent": agent},
-        ).fetchone()
-    assert row is not None
-    return row[0]
-
-
-# region: hears
-def what_a_listener_hears(engine: Engine) -> None:
-    print("4. what a listener hears (LISTEN task_ready, on a connection of its own)")
-    insert = "INSERT INTO tasks (name, input) VALUES ('noop', '1')"
-    with (
-        psycopg.connect(engine.database_url, autocommit=True) as listener,
-        psycopg.connect(engine.database_url) as client,
-    ):
-        listener.execute("LISTEN task_ready")
-        client.execute(insert)
-        print(f"  INSERT, not committed yet: heard {heard(listener)}")
-        client.commit()
-        print(f"  COMMIT: heard {heard(listener)}")
-        client.execute(insert)
-        client.rollback()
-        print(f"  INSERT, then ROLLBACK: heard {heard(listener)}")
-        engine.enqueue_many("noop", range(1000))
-        print(f"  enqueue_many of 1,000 noop tasks, one transaction: heard {heard(listener)}")
-
-
-def heard(listener: psycopg.Connection) -> str:
-    """What `listener` hears within 0.2 s. (The tests prove the silences without a timeout.)"""
-    payloads = [repr(n.payload) for n in listener.notifies(timeout=0.2)]
-    return ", ".join(payloads) or "nothing"
-
-
-# endregion
+        rows = conn.execute(
+            "SELECT effect, count(*) FROM expense_effects GROUP BY effect ORDER BY min(at)"
+        ).fetchall()
+    print("   side effects: " + ", ".join(f"{effect} ({n}x)" for effect, n in rows))
 
 
 if __name__ == "__main__":
