@@ -14,7 +14,8 @@ the machine (CPU, cores, PostgreSQL version) and a table. The workers are PROCES
 - going to sleep: N durable tasks that each call ctx.sleep_for("nap", 3600), enqueued in one
   statement once the worker listens: tasks per second from the first claim to the last
   suspension (task_attempts: the first started_at, the last finished_at), and transactions
-  committed per task (pg_stat_database: the claims, each sleep's deadline and its suspension);
+  committed per task (pg_stat_database): each sleep's deadline and its suspension, a commit
+  each, and a share of the claims, which take several tasks at a time;
 - idle cost: transactions per second committed while the worker is idle, with no sleepers and
   then with those N asleep for an hour. A sleeper is a row with a run_at, which no worker holds
   and no query visits until it is due: the two rates should be the same, next to nothing (the
@@ -22,7 +23,9 @@ the machine (CPU, cores, PostgreSQL version) and a table. The workers are PROCES
 - waking on time: 1,000 tasks that each ctx.sleep_until("alarm", T), one shared instant T a few
   seconds ahead, all asleep before it comes: how long after T each task's next attempt starts
   (the median, the 99th percentile and the last), with 1 and with 2 workers x 20 slots. The
-  worker's alarm rings at T (NextDue); each claim then promotes a bounded batch of sleepers;
+  worker's alarm rings at T (NextDue); each claim then promotes a bounded batch of sleepers,
+  and each wake-up is a replay: the history read, the sleep found over (the task was claimed
+  for its end: no query), the completion;
 - event round trip: a task waiting for an event (no timeout: suspended), and the benchmark's
   engine.send_event(); from the event's sent_at to the start of the task's next attempt, one
   sample at a time, with the worker idle;
@@ -199,13 +202,20 @@ def wait_for(conn: psycopg.Connection, query: LiteralString, n: int, timeout: fl
     return polls
 
 
-def transactions(server: str) -> int:
-    """Transactions committed in the benchmark's database so far, as its statistics say.
+# A session reports its statistics when it goes idle, but not more than once a second: one that
+# reported less than a second ago holds the next ones back, for up to 10 s of idleness
+# (PostgreSQL's PGSTAT_IDLE_INTERVAL), or until it ends. After a burst of work, the counts arrive
+# up to 10 s late: a reading must wait that long to see all of them.
+SETTLE = 11.0  # seconds
+
+
+def transactions(server: str, settle: float = 1.5) -> int:
+    """Transactions committed in the benchmark's database so far, as its statistics say, once
+    the other sessions have had `settle` seconds to report theirs.
 
     Read from the server's maintenance database, so that reading them adds none to the count.
-    The other sessions report theirs within a second of going idle: wait 1.5 s before reading.
     """
-    time.sleep(1.5)
+    time.sleep(settle)
     with psycopg.connect(server, autocommit=True) as conn:
         return scalar(
             conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (DBNAME,)
@@ -214,14 +224,16 @@ def transactions(server: str) -> int:
 
 def idle_rate(url: str, server: str, seconds: float) -> float:
     """Transactions per second committed in the database over `seconds`, all of them by the
-    idle workers (this process commits none meanwhile)."""
+    idle workers (this process commits none meanwhile). Call it once their counts are in.
+    A multiple of their poll interval: the count is then the same from one run to the next."""
     with psycopg.connect(url, autocommit=True) as conn:
         # Vacuumed and analyzed now, so that autovacuum finds nothing to do during the window.
+        # (Its counts are in when its session ends.)
         conn.execute("VACUUM ANALYZE tasks, task_attempts, task_events")
     before = transactions(server)
     started = time.monotonic()
-    time.sleep(seconds)
-    after = transactions(server)
+    # The idle worker reports each poll's commit at once: its last report was 5 s before.
+    after = transactions(server, settle=seconds)
     return (after - before) / (time.monotonic() - started)
 
 
@@ -239,6 +251,7 @@ def bench_going_to_sleep(
     processes = start_workers(1)
     try:
         listening(url, expected=1)
+        time.sleep(SETTLE)  # until the worker's first turns are counted
         idle_empty = idle_rate(url, server, window)
         before = transactions(server)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -251,8 +264,8 @@ def bench_going_to_sleep(
                 " FROM task_attempts",
             )
         # Ours, in the benchmark's database: the enqueue, the polling connection's start, its
-        # polls and the query above.
-        after = transactions(server) - (polls + 3)
+        # polls and the query above. (And the idle worker's one or two polls: a rounding error.)
+        after = transactions(server, settle=SETTLE) - (polls + 3)
         idle_asleep = idle_rate(url, server, window)
     finally:
         stop_workers(processes)
@@ -353,7 +366,7 @@ def bench_sleep_call(engine: Engine, url: str, tasks: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tasks, shorter windows")
-    parser.add_argument("--tasks", type=int, help="sleepers going to sleep (default 10,000)")
+    parser.add_argument("--tasks", type=int, help="sleepers (default 10,000; 2,000 --quick)")
     args = parser.parse_args()
     sleepers = args.tasks or (2_000 if args.quick else 10_000)
     alarms = 300 if args.quick else 1_000

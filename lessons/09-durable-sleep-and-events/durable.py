@@ -313,10 +313,15 @@ class DurableContext(TaskContext):
         attempt: int,
         timeout: datetime.timedelta,
         engine: Engine | None = None,
+        run_at: datetime.datetime | None = None,
     ) -> None:
         super().__init__(task_id, attempt, timeout)
         self._connections = connections
         self._engine = engine  # lesson 07: whose registry says what a child may be
+        # Lesson 09: the task's run_at when it was claimed. The engine's clock had reached it:
+        # only a queued task is claimed, and whatever queues a task sets a run_at that has
+        # come (promote, enqueue, send_event, retry) or leaves an earlier one (a child's end).
+        self._run_at = run_at
         self._history: list[TaskEvent] | None = None  # loaded at the first call
         # The place this run has reached in the log: events replayed (or skipped) and appended.
         self._seq = 0
@@ -759,9 +764,12 @@ class DurableContext(TaskContext):
         event = self._replay(Call("sleep", name))
         if event is not None:
             self.replayed += 1
-            if self._seq < len(self.history()):
-                return  # the history goes on past this sleep: it is over
             wakes_at = datetime.datetime.fromisoformat(event.result)
+            # Over, if the history goes on past it, or if the task was claimed at its end or
+            # later (a sleeper woken on time: its run_at IS its end). Only otherwise (a
+            # sleeper cancelled and retried, say) is the database asked.
+            if self._seq < len(self.history()) or (self._run_at and wakes_at <= self._run_at):
+                return
         else:
             self.check()
             self.ran += 1

@@ -70,6 +70,9 @@ def describe(engine: Engine, task_id: int) -> str:
 
 def outcome(task: Task, output: bool = True) -> str:
     """`completed on attempt 2 by worker-B: {...}`, `suspended, waiting for tasks 8, 9`..."""
+    if task.awaiting_event is not None:  # lesson 09
+        timeout = "" if task.status == "suspended" else f" until {task.run_at:%Y-%m-%d %H:%M:%S}"
+        return f"{task.status}, waiting for event {task.awaiting_event!r}{timeout}"
     if task.status == "suspended":
         return f"suspended, waiting for tasks {', '.join(map(str, task.waiting_for or []))}"
     if task.attempts == 0:
@@ -91,6 +94,15 @@ def show_event(event: TaskEvent) -> str:
         ended = "completed" if event.kind == EventKind.CHILD_COMPLETED else "failed"
         value = show(event.result) if event.kind == EventKind.CHILD_COMPLETED else event.error
         return f"{history}waited: task {event.child_id} {event.name} {ended}: {value}"
+    if event.kind == EventKind.SLEEP_STARTED:  # lesson 09
+        return f"{history}sleep {event.name}: until {event.result}"
+    if event.kind == EventKind.EVENT_AWAITED:
+        timeout = "no timeout" if event.result is None else f"until {event.result}"
+        return f"{history}waiting for event {event.name} ({timeout})"
+    if event.kind == EventKind.EVENT_RECEIVED:
+        return f"{history}event {event.name}: {show(event.result)}"
+    if event.kind == EventKind.EVENT_TIMED_OUT:
+        return f"{history}event {event.name}: timed out"
     kind = {EventKind.VALUE_RECORDED: "value", EventKind.PATCH_APPLIED: "patch"}.get(event.kind)
     if kind == "patch":
         return f"{history}patch {event.name}"

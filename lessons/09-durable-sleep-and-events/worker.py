@@ -362,7 +362,9 @@ class Worker:
         task's context keeps its log (durable.py): steps, spawns and waits, appended and
         replayed. A regular task's is lesson 04's: no log, it just runs."""
         if task.name in self.engine.durable:
-            return DurableContext(steps, task.id, task.attempts, task.timeout, self.engine)
+            return DurableContext(
+                steps, task.id, task.attempts, task.timeout, self.engine, run_at=task.run_at
+            )
         return TaskContext(task.id, task.attempts, task.timeout, task.parent_id)
 
     def step_connections(self) -> ConnectionPool:
