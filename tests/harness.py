@@ -77,6 +77,7 @@ ENGINE_MODULES = (
     "outages",
     "durable",
     "listener",
+    "check_histories",
     "db.models",
     "db.queries",
 )
