@@ -13,12 +13,15 @@ durable children.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
+from hardway import postgres
 from harness import (
+    drop_database,
     lesson_dir,
     lesson_env,
     lessons_from,
@@ -383,3 +386,35 @@ def test_a_cancel_reaches_the_grandchildren_and_a_retry_brings_the_tree_back(
         done = engine.wait(task_id, timeout=30)
     assert (done.status, done.output) == ("completed", [1, 2])
     assert sql(url, "SELECT status::text, count(*) FROM tasks GROUP BY 1") == [("completed", 5)]
+
+
+# --- main.py (lesson 10's own) -----------------------------------------------------------
+
+LESSON = "10-branching-and-forking"
+
+
+def test_main_fixes_a_bug_by_forking_before_it(pg_server_url):
+    dbname = f"t10_main_{os.getpid()}"
+    try:
+        result = run_main(LESSON, pg_server_url, dbname, cwd=lesson_dir(LESSON))
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.splitlines()
+        assert "  task 1 completed: 'invoiced 8.00' (it should have been 72.00)" in lines
+        assert "  task 1 order: matches its history (5 events; then returns)" in lines
+        assert "  task 2 completed: 'invoiced 72.00'" in lines
+        assert "  they part at event 4" in lines
+        assert lines[-1] == "  check_histories.py would exit with status 1: do not deploy"
+        url = postgres.database_url(pg_server_url, dbname)
+        # What really happened: steps 1 and 3 once (the fork replayed them), two invoices.
+        effects = sql(url, "SELECT effect, count(*) FROM shop_effects GROUP BY 1 ORDER BY 1")
+        assert effects == [
+            ("booked a courier to 1 Main St", 1),
+            ("invoice for 72.00 sent to ana@example.com", 1),
+            ("invoice for 8.00 sent to ana@example.com", 1),
+            ("reserved 2 x kettle", 1),
+        ]
+        assert sql(url, "SELECT id, forked_from, forked_at FROM tasks ORDER BY id") == [
+            (1, None, None), (2, 1, 3)
+        ]  # fmt: skip
+    finally:
+        drop_database(pg_server_url, dbname)
