@@ -76,7 +76,7 @@ def demo(engine: Engine) -> None:
 
     print("3. a change the histories on record would not survive: step 2 renamed")
     shop_tasks.PRICE_STEP = "compute price"
-    verdicts = [check(engine, task) for task in (engine.get(original), engine.get(fork))]
+    verdicts = [check(engine, engine.wait(task_id)) for task_id in (original, fork)]
     for verdict in verdicts:
         print(f"  {verdict}")
     failing = [verdict for verdict in verdicts if not verdict.matches]
