@@ -265,9 +265,10 @@ def pickup_quantiles(url: str) -> tuple[float, float]:
 
 
 def transactions(url: str) -> int:
-    """Transactions committed in the database so far, as its statistics say. The other
-    sessions report theirs within a second of going idle: wait 1.5 s before reading."""
-    time.sleep(1.5)
+    """Transactions committed in the database so far, as its statistics say. A session
+    reports its counts at most once a second, and one that has gone idle may wait up to
+    10 seconds before it does: wait 11 s before reading."""
+    time.sleep(11)
     with psycopg.connect(url, autocommit=True) as conn:
         return scalar(
             conn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"

@@ -576,7 +576,9 @@ class Engine:
     def wait(self, task_id: int, timeout: float = 60.0) -> Task:
         """Poll until the task has finished (completed, failed or cancelled); for demos and tests.
 
-        Polling every 50 ms, because this lesson has nothing better (no LISTEN/NOTIFY yet).
+        Polling every 50 ms, still (lesson 08): workers hear of new work through notifications,
+        but a task's end notifies nobody, which would put every completion's commit under
+        NOTIFY's lock (lesson 08's README); a caller waiting for one task can afford to poll.
         """
         check_seconds("timeout", timeout, positive=False)
         deadline = time.monotonic() + timeout
