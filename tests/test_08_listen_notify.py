@@ -200,7 +200,7 @@ def test_a_parent_resumes_within_50_ms_of_its_last_child_ending(
     with running(parents, children):
         listening(url, "parents")
         listening(url, "children")
-        for _ in range(3):
+        for _ in range(5):
             release.clear()
             parent_id = engine.enqueue("parent")
             wait_until(lambda parent_id=parent_id: engine.get(parent_id).status == "suspended")
@@ -216,7 +216,8 @@ def test_a_parent_resumes_within_50_ms_of_its_last_child_ending(
                     parent_id,
                 )
             )
-    # The median within 50 ms; none waited for a poll, ten minutes away.
+    # The median of five within 50 ms (one or two may meet a loaded machine); none waited for a
+    # poll, ten minutes away.
     assert all(0 <= after < 1 for after in resumed_after), resumed_after
     assert statistics.median(resumed_after) < 0.05, f"resumed {resumed_after} s after"
 

@@ -490,10 +490,15 @@ def test_bad_events_are_refused_with_a_clear_error(lesson, engine, url):
 def test_ten_thousand_sleepers_hold_no_slot_and_cost_an_idle_worker_nothing(
     lesson, engine, url, current_durable_task
 ):
+    # An hour from now, on the engine's clock, and then one each second for a minute.
+    [(base,)] = sql(url, "SELECT clock_now() + interval '1 hour'")
+
     @engine.durable_task("dozer")
     def dozer(n):
-        current_durable_task().sleep_for("nap", 3600 + n % 60)
+        wakes_at = datetime.datetime.fromisoformat(base) + datetime.timedelta(seconds=n % 60)
+        current_durable_task().sleep_until("nap", wakes_at)
 
+    base = base.isoformat()
     engine.enqueue_many("dozer", range(10_000))
     counting = counting_worker(lesson, engine, slots=20)
     with running(counting):
@@ -512,8 +517,11 @@ def test_ten_thousand_sleepers_hold_no_slot_and_cost_an_idle_worker_nothing(
         quiet.wait(1.0)
         assert counting.claims == before
         assert sql(url, "SELECT count(*) FROM tasks WHERE lease_expires_at IS NOT NULL") == [(0,)]
-        advance_clock(lesson, url, 3600 + 60)
-        wait_until(lambda: status_counts(url) == {"completed": 10_000}, timeout=120)
+        # Half a second past the first wake-up: the 167 sleepers due then (n % 60 == 0) wake,
+        # on the alarm the clock's move set, and the others sleep on.
+        [(to_base,)] = sql(url, "SELECT extract(epoch FROM %s::timestamptz - clock_now())", base)
+        advance_clock(lesson, url, float(to_base) + 0.5)
+        wait_until(lambda: status_counts(url) == {"completed": 167, "scheduled": 9_833})
 
 
 # --- main.py and approve.py (lesson 09's own) ------------------------------------------------
