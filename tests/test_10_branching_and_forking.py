@@ -420,3 +420,42 @@ def test_main_fixes_a_bug_by_forking_before_it(pg_server_url):
         ]  # fmt: skip
     finally:
         drop_database(pg_server_url, dbname)
+
+
+def test_children_left_running_by_a_parent_that_ended_without_closing_them_are_cancelled(
+    lesson, engine, url, current_durable_task
+):
+    """The state a worker leaves when it dies between a reclaim that failed a parent for good
+    and the close of its children (two transactions): the parent failed, its tree running.
+    The chores' sweep (CloseOrphans) cancels them, a level per sweep."""
+    current_task = lesson.task_context.current_task
+
+    @engine.task("blocker")
+    def blocker(input):
+        current_task().sleep(60)  # raises once its attempt is cancelled
+
+    @engine.durable_task("middle")
+    def middle(input):
+        ctx = current_durable_task()
+        return ctx.wait(ctx.spawn("blocker"))
+
+    @engine.durable_task("root")
+    def root(input):
+        ctx = current_durable_task()
+        return ctx.wait(ctx.spawn("middle"))
+
+    task_id = engine.enqueue("root")
+    # A short lease: the blocker hears of its cancel at its next heartbeat, a third of it.
+    with running(worker(lesson, engine, slots=3, poll_interval=0.05, lease=1)):
+        wait_until(lambda: sql(url, "SELECT count(*) FROM tasks WHERE name = 'blocker'")[0][0])
+        wait_until(lambda: statuses(engine.children(task_id)) == ["suspended"])
+        sql(
+            url,
+            "UPDATE tasks SET status = 'failed', error = 'lease expired (worker presumed dead)',"
+            " finished_at = now(), waiting_for = NULL WHERE id = %s",
+            task_id,
+        )
+        unfinished = "SELECT count(*) FROM tasks WHERE finished_at IS NULL"
+        wait_until(lambda: sql(url, unfinished) == [(0,)])
+    rows = sql(url, "SELECT name, status::text FROM tasks ORDER BY id")
+    assert rows == [("root", "failed"), ("middle", "cancelled"), ("blocker", "cancelled")]

@@ -518,6 +518,9 @@ class Worker:
                 parents = [r.parent_id for r in reclaimed if r.status == TaskStatus.FAILED]
                 if parents := [parent for parent in parents if parent is not None]:
                     queries.wake_parents(ids=parents)
+                # Lesson 10: children left running by a parent that ended without closing
+                # them (a worker that died between the reclaim and the close, below).
+                self._closed(queries.close_orphans(max_tasks=self.chores_limit))
             while len(claimed) < max_tasks:
                 key = queries.lock_next_key(tried=tried, task_names=names)
                 if key is None:
