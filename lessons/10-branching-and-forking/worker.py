@@ -491,6 +491,7 @@ class Worker:
         claimed = []
         tried: list[str] = []  # keys already served (and still locked by us) in this claim
         failed: list[int] = []  # tasks the reclaim failed for good
+        swept = False  # lesson 10: whether the chores ran, and the orphans' sweep is due
         with conn.transaction():
             if riders:
                 # First: a key's tasks that end here make room for the claim below.
@@ -500,6 +501,7 @@ class Worker:
             # chore needs to run that often.
             if time.monotonic() >= self._chores_due:
                 self._chores_due = time.monotonic() + self.poll_interval
+                swept = True
                 promoted = queries.promote_due_tasks(max_tasks=self.chores_limit)
                 reclaimed = queries.reclaim_expired_leases(max_tasks=self.chores_limit)
                 if self.chores_limit in (promoted, len(reclaimed)):
@@ -518,9 +520,6 @@ class Worker:
                 parents = [r.parent_id for r in reclaimed if r.status == TaskStatus.FAILED]
                 if parents := [parent for parent in parents if parent is not None]:
                     queries.wake_parents(ids=parents)
-                # Lesson 10: children left running by a parent that ended without closing
-                # them (a worker that died between the reclaim and the close, below).
-                self._closed(queries.close_orphans(max_tasks=self.chores_limit))
             while len(claimed) < max_tasks:
                 key = queries.lock_next_key(tried=tried, task_names=names)
                 if key is None:
@@ -555,6 +554,11 @@ class Worker:
             with conn.transaction():
                 queries.lock_tasks(ids=failed, families=failed)
                 self._closed(close_tree(queries, failed))
+        if swept:
+            # Lesson 10: and the children that a worker which died right there, between the
+            # reclaim and the close, left running for a parent that has ended: a sweep, a
+            # few at a time, never waiting (CloseOrphans), with the chores.
+            self._closed(queries.close_orphans(max_tasks=self.chores_limit))
         self._backlog = len(claimed) == max_tasks > 1
         return claimed
 
