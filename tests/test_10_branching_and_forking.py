@@ -459,3 +459,31 @@ def test_children_left_running_by_a_parent_that_ended_without_closing_them_are_c
         wait_until(lambda: sql(url, unfinished) == [(0,)])
     rows = sql(url, "SELECT name, status::text FROM tasks ORDER BY id")
     assert rows == [("root", "failed"), ("middle", "cancelled"), ("blocker", "cancelled")]
+
+
+def test_a_cancel_reaches_durable_children_that_sleep_or_wait_for_an_event(
+    lesson, engine, url, current_durable_task
+):
+    @engine.durable_task("waiter")
+    def waiter(input):
+        return current_durable_task().wait_for_event("never", timeout=input)
+
+    @engine.durable_task("sleeper")
+    def sleeper(input):
+        current_durable_task().sleep_for("long", 3600)
+
+    @engine.durable_task("root")
+    def root(input):
+        ctx = current_durable_task()
+        handles = [ctx.spawn("waiter", None), ctx.spawn("waiter", 3600), ctx.spawn("sleeper")]
+        return ctx.wait_all(handles)
+
+    task_id = engine.enqueue("root")
+    with running(worker(lesson, engine, slots=4)):
+        wait_until(
+            lambda: statuses(engine.children(task_id)) == ["suspended", "scheduled", "scheduled"]
+        )
+        assert engine.cancel(task_id)
+    children = engine.children(task_id)
+    assert [(c.status, c.awaiting_event) for c in children] == [("cancelled", None)] * 3
+    assert engine.send_event("never", "late").woken == []

@@ -497,7 +497,9 @@ WITH child AS (
 ),
 task AS (
     UPDATE tasks AS t
-    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL
+    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL,
+        -- Lesson 10: a durable child may be waiting for an event (lesson 09).
+        awaiting_event = NULL
     FROM child
     WHERE t.id = child.id
     RETURNING t.id, t.attempts
