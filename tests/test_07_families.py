@@ -587,3 +587,36 @@ def test_outcomes_and_a_suspension_whose_answers_are_lost_are_recorded_once(
     kinds = Counter(str(event.kind) for event in engine.events(task_id))
     assert kinds == {"child_spawned": 2, "child_completed": 2}
     assert statuses(engine.attempts(task_id)) == ["suspended", "completed"]
+
+
+def test_children_left_running_by_a_parent_that_ended_without_closing_them_are_cancelled(
+    lesson, engine, url
+):
+    """The state a worker leaves when it dies between a reclaim that failed a parent for good
+    and the close of its children (two transactions): the parent failed, its children running
+    on. The chores' sweep (CloseOrphans) cancels them."""
+    register_blocker(lesson, engine)
+    current_task = lesson.task_context.current_task
+
+    @engine.durable_task("parent")
+    def parent(input):
+        ctx = current_task()
+        return ctx.wait_all([ctx.spawn("blocker"), ctx.spawn("blocker")])
+
+    task_id = engine.enqueue("parent")
+    # A slot left free: the chores run with a claim, and a full worker does not claim. A short
+    # lease: the blockers hear of their cancel at their next heartbeat, a third of it.
+    with running(worker(lesson, engine, slots=3, poll_interval=0.05, lease=1)):
+        wait_until(lambda: engine.get(task_id).status == "suspended")
+        wait_until(lambda: statuses(engine.children(task_id)) == ["running", "running"])
+        # What the reclaim writes, without the close that would follow it.
+        sql(
+            url,
+            "UPDATE tasks SET status = 'failed', error = 'lease expired (worker presumed dead)',"
+            " finished_at = now(), waiting_for = NULL WHERE id = %s",
+            task_id,
+        )
+        unfinished = "SELECT count(*) FROM tasks WHERE finished_at IS NULL"
+        wait_until(lambda: sql(url, unfinished) == [(0,)])
+    assert statuses(engine.children(task_id)) == ["cancelled", "cancelled"]
+    assert engine.get(task_id).status == "failed"

@@ -397,11 +397,13 @@ class Worker:
         claimed: list[Task] = []
         tried: list[str] = []  # keys already served (and still locked by us) in this claim
         failed: list[int] = []  # tasks the reclaim failed for good
+        swept = False  # whether the chores ran, and the sweep for orphans is due
         with conn.transaction():
             # The chores, at most once per poll interval: a busy worker turns its loop a thousand
             # times a second, and neither chore needs to run that often.
             if time.monotonic() >= self._chores_due:
                 self._chores_due = time.monotonic() + self.poll_interval
+                swept = True
                 queries.promote_due_tasks(max_tasks=self.chores_limit)
                 reclaimed = queries.reclaim_expired_leases(max_tasks=self.chores_limit)
                 for row in reclaimed:
@@ -441,6 +443,11 @@ class Worker:
             # rows in lease order, never waiting (SKIP LOCKED), and must go on never waiting;
             # this statement may wait for a child's lock, holding no other lock.
             self._closed(queries.close_children(ids=failed))
+        if swept:
+            # And the children that a worker which died right there, between the reclaim and
+            # the close, left running for a parent that has ended: a sweep, a few at a time,
+            # never waiting (CloseOrphans), with the chores.
+            self._closed(queries.close_orphans(max_tasks=self.chores_limit))
         return claimed
 
     # endregion

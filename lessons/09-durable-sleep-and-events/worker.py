@@ -490,6 +490,7 @@ class Worker:
         claimed = []
         tried: list[str] = []  # keys already served (and still locked by us) in this claim
         failed: list[int] = []  # tasks the reclaim failed for good
+        swept = False  # whether the chores ran, and the sweep for orphans is due
         with conn.transaction():
             if riders:
                 # First: a key's tasks that end here make room for the claim below.
@@ -499,6 +500,7 @@ class Worker:
             # chore needs to run that often.
             if time.monotonic() >= self._chores_due:
                 self._chores_due = time.monotonic() + self.poll_interval
+                swept = True
                 promoted = queries.promote_due_tasks(max_tasks=self.chores_limit)
                 reclaimed = queries.reclaim_expired_leases(max_tasks=self.chores_limit)
                 if self.chores_limit in (promoted, len(reclaimed)):
@@ -548,6 +550,11 @@ class Worker:
             # rows in lease order, never waiting (SKIP LOCKED), and must go on never waiting;
             # this statement may wait for a child's lock, holding no other lock.
             self._closed(queries.close_children(ids=failed))
+        if swept:
+            # And the children that a worker which died right there, between the reclaim and
+            # the close, left running for a parent that has ended: a sweep, a few at a time,
+            # never waiting (CloseOrphans), with the chores.
+            self._closed(queries.close_orphans(max_tasks=self.chores_limit))
         self._backlog = len(claimed) == max_tasks > 1
         return claimed
 

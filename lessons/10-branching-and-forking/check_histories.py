@@ -28,13 +28,19 @@ import datetime
 import importlib
 import re
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
+import psycopg
 from db.models import Task, TaskEvent
 from db.queries import Querier
 from durable import Call, DurableContext, NonDeterminismError
 from engine import Engine
+from outages import DatabaseUnavailableError
 from psycopg import conninfo
 from task_context import run_in_context
+
+T = TypeVar("T")
 
 
 class EndOfHistory(BaseException):
@@ -67,6 +73,12 @@ class ReplayOnly(DurableContext):
 
     def _suspend_until(self, seq: int, name: str, until: datetime.datetime) -> bool:
         raise EndOfHistory(Call("sleep", name))
+
+    def _database(self, work: Callable[[psycopg.Connection, bool], T]) -> T:
+        """Once. A worker's attempt waits out an outage for as long as its lease; a check has
+        no lease, and would wait for ever: it fails at once instead, and says why."""
+        with self._connections.connection(timeout=5) as conn:
+            return work(conn, False)
 
 
 # endregion
@@ -150,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(args.task_name or []) - set(names))
         if unknown:
             parser.error(f"--task-name: {', '.join(unknown)} not registered by {args.tasks}")
-        verdicts = [
-            check(engine, task)
-            for task in tasks_to_check(engine, args.task_name or names, args.since, args.all)
-        ]
+        try:
+            tasks = tasks_to_check(engine, args.task_name or names, args.since, args.all)
+            verdicts = [check(engine, task) for task in tasks]
+        except DatabaseUnavailableError as err:  # engine.connection(): says why
+            raise SystemExit(f"error: {err}") from None
+        except psycopg.OperationalError as err:  # the check's own connections (PoolTimeout...)
+            raise SystemExit(f"error: database unavailable: {err}") from None
     for verdict in verdicts:
         print(verdict)
     bad = [verdict for verdict in verdicts if not verdict.matches]

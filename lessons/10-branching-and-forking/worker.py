@@ -491,7 +491,7 @@ class Worker:
         claimed = []
         tried: list[str] = []  # keys already served (and still locked by us) in this claim
         failed: list[int] = []  # tasks the reclaim failed for good
-        swept = False  # lesson 10: whether the chores ran, and the orphans' sweep is due
+        swept = False  # whether the chores ran, and the sweep for orphans is due
         with conn.transaction():
             if riders:
                 # First: a key's tasks that end here make room for the claim below.
@@ -555,9 +555,9 @@ class Worker:
                 queries.lock_tasks(ids=failed, families=failed)
                 self._closed(close_tree(queries, failed))
         if swept:
-            # Lesson 10: and the children that a worker which died right there, between the
-            # reclaim and the close, left running for a parent that has ended: a sweep, a
-            # few at a time, never waiting (CloseOrphans), with the chores.
+            # And the children that a worker which died right there, between the reclaim and
+            # the close, left running for a parent that has ended: a sweep, a few at a time,
+            # never waiting (CloseOrphans), with the chores.
             self._closed(queries.close_orphans(max_tasks=self.chores_limit))
         self._backlog = len(claimed) == max_tasks > 1
         return claimed

@@ -773,3 +773,41 @@ SELECT *
 FROM tasks
 WHERE parent_id = sqlc.arg(parent_id)::bigint
 ORDER BY id;
+
+-- region: orphans
+-- name: CloseOrphans :many
+-- The close policy, as a chore: cancel a few unfinished children whose parent has finished.
+-- A parent's end and its children's cancel commit together (worker.ending, engine.cancel),
+-- except after the reclaim: a parent that failed for good there has its children closed in a
+-- transaction of its own, and a worker that dies between the two leaves them running, for
+-- nothing. This sweep finds them. It never waits (SKIP LOCKED), and holds the parent's row
+-- too, so that an operator's retry of the parent (RequeueTask, FOR UPDATE) cannot commit in
+-- between: a child whose parent is running again is not an orphan (the lock re-reads the
+-- parent, and skips it).
+WITH orphan AS (
+    SELECT c.id
+    FROM tasks AS c
+    JOIN tasks AS p ON p.id = c.parent_id
+    WHERE c.parent_id IS NOT NULL AND c.finished_at IS NULL AND p.finished_at IS NOT NULL
+    ORDER BY c.id
+    LIMIT sqlc.arg(max_tasks)
+    FOR NO KEY UPDATE OF c SKIP LOCKED
+    FOR SHARE OF p SKIP LOCKED
+),
+task AS (
+    UPDATE tasks AS t
+    SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL
+    FROM orphan
+    WHERE t.id = orphan.id
+    RETURNING t.id, t.attempts
+),
+attempt AS (
+    UPDATE task_attempts AS a
+    SET status = 'cancelled', finished_at = now()
+    FROM task
+    WHERE a.task_id = task.id AND a.attempt = task.attempts AND a.status = 'running'
+)
+SELECT id
+FROM task
+ORDER BY id;
+-- endregion

@@ -259,6 +259,11 @@ CREATE TABLE operator_actions (
 -- retention query that deletes them with it, and people. Only children are in it.
 CREATE INDEX tasks_children ON tasks (parent_id) WHERE parent_id IS NOT NULL;
 
+-- The children still running (or waiting), for the sweep that cancels those whose parent has
+-- finished (CloseOrphans): a small index, however many children have ended.
+CREATE INDEX tasks_unfinished_children ON tasks (parent_id)
+    WHERE parent_id IS NOT NULL AND finished_at IS NULL;
+
 -- One spawn event per child. The child's row and its spawn event are written by one
 -- transaction (durable.py), so there is no child without its event; and the table refuses a
 -- second spawn event naming the same child, whatever code wrote it.

@@ -1159,14 +1159,15 @@ ORDER BY id;
 
 -- region: orphans
 -- name: CloseOrphans :many
--- Lesson 10: the close policy, as a chore: cancel a few unfinished children whose parent has finished.
+-- The close policy, as a chore: cancel a few unfinished children whose parent has finished.
 -- A parent's end and its children's cancel commit together (worker.ending, engine.cancel),
 -- except after the reclaim: a parent that failed for good there has its children closed in a
 -- transaction of its own, and a worker that dies between the two leaves them running, for
--- nothing. This sweep finds them, at any depth: a child it cancels is a finished parent for
--- the next sweep. It never waits (SKIP LOCKED), and holds the parent's row too, so that an
--- operator's retry of the parent (RequeueTask, FOR UPDATE) cannot commit in between: a child
--- whose parent is running again is not an orphan (the lock re-reads the parent, and skips it).
+-- nothing. This sweep finds them (lesson 10: at any depth, since a child it cancels is a
+-- finished parent for the next sweep). It never waits (SKIP LOCKED), and holds the parent's row
+-- too, so that an operator's retry of the parent (RequeueTask, FOR UPDATE) cannot commit in
+-- between: a child whose parent is running again is not an orphan (the lock re-reads the
+-- parent, and skips it).
 WITH orphan AS (
     SELECT c.id
     FROM tasks AS c
@@ -1180,6 +1181,7 @@ WITH orphan AS (
 task AS (
     UPDATE tasks AS t
     SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL, waiting_for = NULL,
+        -- Lesson 10: a durable child may be waiting for an event (lesson 09).
         awaiting_event = NULL
     FROM orphan
     WHERE t.id = orphan.id

@@ -307,8 +307,8 @@ CREATE TABLE operator_actions (
 -- retention query that deletes them with it, and people. Only children are in it.
 CREATE INDEX tasks_children ON tasks (parent_id) WHERE parent_id IS NOT NULL;
 
--- Lesson 10: the children still running (or waiting), for the sweep that cancels those whose
--- parent has finished (CloseOrphans): a small index, however many children have ended.
+-- The children still running (or waiting), for the sweep that cancels those whose parent has
+-- finished (CloseOrphans): a small index, however many children have ended.
 CREATE INDEX tasks_unfinished_children ON tasks (parent_id)
     WHERE parent_id IS NOT NULL AND finished_at IS NULL;
 
