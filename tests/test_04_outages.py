@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -108,46 +109,50 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
     workers: list[tuple[str, subprocess.Popen]] = []
     with OwnedServer() as server:
         urls = {}
-        for lesson in lessons:
-            dbname, urls[lesson.name] = lesson_database(server, lesson, "outage")
-            durable = hasattr(lesson, "durable")
-            with lesson.engine.Engine(urls[lesson.name]) as engine:
-                register = getattr(engine, "durable_task", engine.task) if durable else engine.task
-                register("work")(lambda n: n)
-                engine.enqueue_many("work", range(TASKS))
-            for n in range(WORKERS):
-                options = ["--name", f"w{n}", "--tasks", "outage_tasks", "--slots", str(SLOTS)]
-                options += ["--lease", str(LEASE), "--poll-interval", "0.05"]
-                process = start_worker(
-                    server,
-                    dbname,
-                    lesson,
-                    *options,
-                    PYTHONPATH=str(tmp_path),
-                    AUDIT_FILE=str(tmp_path / f"audit_{lesson.name[:2]}"),
-                    DURABLE="1" if durable else "0",
-                )
-                workers.append((lesson.name, process))
-
-        def done_everywhere(share: float) -> bool:
-            return all(completed(url) >= TASKS * share for url in urls.values())
-
-        def all_connected() -> bool:
-            names = [f"w{n}" for n in range(WORKERS)]
-            query = (
-                "SELECT count(DISTINCT application_name) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = ANY(%s)"
-            )
-            return all(sql(url, query, names)[0][0] == WORKERS for url in urls.values())
-
-        # Every worker past its start-up and connected, before the database goes: a worker that
-        # starts while the database is away exits at once with a one-line error, by design, and
-        # on a loaded machine the last one may start after the others have done the first share.
-        wait_until(all_connected, timeout=60)
-
-        # A client whose pool holds a connection from before the restart.
-        client = lessons[0].engine.Engine(urls[lessons[0].name])
+        client = None
+        # Everything in the try: workers started before a failure are stopped too.
         try:
+            for lesson in lessons:
+                dbname, urls[lesson.name] = lesson_database(server, lesson, "outage")
+                durable = hasattr(lesson, "durable")
+                with lesson.engine.Engine(urls[lesson.name]) as engine:
+                    register = (
+                        getattr(engine, "durable_task", engine.task) if durable else engine.task
+                    )
+                    register("work")(lambda n: n)
+                    engine.enqueue_many("work", range(TASKS))
+                for n in range(WORKERS):
+                    options = ["--name", f"w{n}", "--tasks", "outage_tasks", "--slots", str(SLOTS)]
+                    options += ["--lease", str(LEASE), "--poll-interval", "0.05"]
+                    process = start_worker(
+                        server,
+                        dbname,
+                        lesson,
+                        *options,
+                        PYTHONPATH=str(tmp_path),
+                        AUDIT_FILE=str(tmp_path / f"audit_{lesson.name[:2]}"),
+                        DURABLE="1" if durable else "0",
+                    )
+                    workers.append((lesson.name, process))
+
+            def done_everywhere(share: float) -> bool:
+                return all(completed(url) >= TASKS * share for url in urls.values())
+
+            def all_connected() -> bool:
+                names = [f"w{n}" for n in range(WORKERS)]
+                query = (
+                    "SELECT count(DISTINCT application_name) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = ANY(%s)"
+                )
+                return all(sql(url, query, names)[0][0] == WORKERS for url in urls.values())
+
+            # Every worker past its start-up and connected, before the database goes: a worker that
+            # starts while the database is away exits at once with a one-line error, by design, and
+            # on a loaded machine the last one may start after the others have done the first share.
+            wait_until(all_connected, timeout=60)
+
+            # A client whose pool holds a connection from before the restart.
+            client = lessons[0].engine.Engine(urls[lessons[0].name])
             assert client.get(1) is not None
             wait_until(lambda: done_everywhere(0.2), timeout=120)
             server.restart("immediate")  # a crash: every connection breaks, recovery runs
@@ -172,7 +177,8 @@ def test_workers_ride_out_a_crash_restart_and_a_ten_second_outage(tmp_path: Path
             wait_until(lambda: done_everywhere(1.0), timeout=120)
             check_running(workers)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
             for _, process in workers:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
@@ -245,17 +251,19 @@ def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tm
     workers: list[tuple[str, subprocess.Popen]] = []
     with OwnedServer() as server:
         urls = {}
-        for lesson in lessons:
-            dbname, urls[lesson.name] = lesson_database(server, lesson, "stopping")
-            with lesson.engine.Engine(urls[lesson.name]) as engine:
-                engine.task("slow")(lambda seconds: None)
-                # Three seconds: every lesson's worker is running its task before the first
-                # task ends, however late the last worker process starts on a loaded machine.
-                engine.enqueue("slow", 3.0)
-            options = ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
-            process = start_worker(server, dbname, lesson, *options, PYTHONPATH=str(tmp_path))
-            workers.append((lesson.name, process))
         try:
+            # Inside the try: workers started before a failure here are killed too.
+            for lesson in lessons:
+                dbname, urls[lesson.name] = lesson_database(server, lesson, "stopping")
+                with lesson.engine.Engine(urls[lesson.name]) as engine:
+                    engine.task("slow")(lambda seconds: None)
+                    # Three seconds: every lesson's worker is running its task before the first
+                    # task ends, however late the last worker process starts on a loaded
+                    # machine.
+                    engine.enqueue("slow", 3.0)
+                options = ["--name", "w", "--tasks", "slow_tasks", "--lease", "2"]
+                process = start_worker(server, dbname, lesson, *options, PYTHONPATH=str(tmp_path))
+                workers.append((lesson.name, process))
             running = "SELECT count(*) FROM tasks WHERE status = 'running'"
             wait_until(lambda: all(sql(url, running) == [(1,)] for url in urls.values()))
             server.stop()
@@ -275,3 +283,39 @@ def test_sigterm_stops_a_worker_during_an_outage_once_its_leases_have_run_out(tm
         assert "Traceback" not in logs[name], logs[name]
     # The task took three seconds, the lease was two: well under ten, on a loaded machine too.
     assert took < 10, took
+
+
+@pytest.mark.parametrize("lesson_name", lessons_from("04"))
+def test_an_idle_worker_waits_quietly_while_the_database_is_away(lesson_name: str):
+    """While it cannot connect, a worker tries again after a backoff, and does nothing between
+    its tries: no busy loop turning a CPU into heat for the length of the outage."""
+    lesson = load_lesson(lesson_name)
+    # A server that is not there: the socket directory does not exist, so every connection
+    # fails at once, as when the server is down.
+    url = "postgresql://postgres@/postgres?host=/nonexistent/hardway-outage&connect_timeout=1"
+    with lesson.engine.Engine(url, connect_timeout=1) as engine:
+        engine.task("never")(lambda input: None)
+        # Polling twice a second: lessons 04-07 wake at each poll, even with no database.
+        worker = lesson.worker.Worker(engine, "w", poll_interval=0.5)
+        turns = []
+        wait = worker._wait
+
+        def counted_wait(*args, **kwargs):
+            turns.append(time.monotonic())
+            return wait(*args, **kwargs)
+
+        worker._wait = counted_wait
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,))
+        thread.start()
+        try:
+            wait_until(lambda: len(turns) >= 2)
+            stop.wait(1.0)  # the outage goes on: a second in which the loop should mostly sleep
+            during = [at for at in turns if at >= turns[0] + 0.1]
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    assert not thread.is_alive()
+    # One turn per reconnection attempt, whose backoff grows from a fraction of a second: a
+    # handful. The busy loop made tens of thousands.
+    assert len(during) < 30, len(during)
