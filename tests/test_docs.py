@@ -586,6 +586,26 @@ def test_links_in_lesson_readmes_resolve_on_the_site(fake_repo, tmp_path):
     assert "uuid4" in source and 'href="../"' in source
 
 
+def test_a_lesson_image_shows_on_its_page(fake_repo, tmp_path):
+    _make_site_config(fake_repo)
+    lesson = fake_repo / "lessons" / "02-second"
+    png = bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360000002000100ffff03000006000557bfab"
+        "d40000000049454e44ae426082"
+    )  # a 1x1 PNG
+    (lesson / "shot.png").write_bytes(png)
+    readme = lesson / "README.md"
+    readme.write_text(readme.read_text() + "\n![A screenshot](shot.png)\n")
+    docgen.write(fake_repo, log=_quiet)
+    build_site(fake_repo, tmp_path / "site")
+    site_lesson = tmp_path / "site" / "lessons" / "02-second"
+    assert (site_lesson / "shot.png").read_bytes() == png
+    page = (site_lesson / "index.html").read_text()
+    assert '<img alt="A screenshot" src="shot.png"' in page
+    assert 'href="shot.png"' in page  # in the list of the lesson's files
+
+
 PART_2 = """\
 # Lesson 02, part 2: More
 

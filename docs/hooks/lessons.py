@@ -11,6 +11,8 @@ where their links are plain relative paths (`main.py`, `../02-simple-task-queue/
   lesson's page, by file name;
 - one page per source file of every lesson and of `lessons/hardway/` (`lessons/02-.../main.py`
   -> `lessons/02-.../main.py/`, highlighted, with line numbers), so links to code work offline;
+- a lesson's images (`lessons/11-.../dashboard.png`) copied as they are, beside its page, so
+  that `![...](dashboard.png)` in a README shows the image on the site too;
 - links that leave `docs/` are resolved against the repository and pointed at those pages, at
   the home page (root README) or, for any other repository file, at GitHub;
 - the edit button opens the file the text really lives in (the README, not a stub).
@@ -34,6 +36,7 @@ log = logging.getLogger("mkdocs.hooks.lessons")
 
 SKIPPED_PARTS = {"__pycache__", "node_modules"}
 SKIPPED_SUFFIXES = {".pyc", ".pyo", ".so"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
 
 
 class _Site:
@@ -101,6 +104,16 @@ def _embedded_files(root: Path) -> list[Path]:
     return found
 
 
+def _image(config: MkDocsConfig, path: Path) -> File:
+    """A lesson's image, copied to the same path in the site: the README's relative link to it
+    works from the lesson's page, which is that directory's index."""
+    relative = path.relative_to(SITE.root).as_posix()
+    file = File(relative, str(SITE.root), config.site_dir, config.use_directory_urls)
+    file.inclusion = InclusionLevel.NOT_IN_NAV
+    SITE.pages[relative] = relative
+    return file
+
+
 def _source_page(config: MkDocsConfig, path: Path) -> File | None:
     relative = path.relative_to(SITE.root).as_posix()
     try:
@@ -141,9 +154,10 @@ def _source_page(config: MkDocsConfig, path: Path) -> File | None:
 def _lesson_page(config: MkDocsConfig, lesson: Path, sources: list[Path]) -> File:
     src_uri = f"lessons/{lesson.name}/index.md"
     listing = [
-        f"    - [{path.relative_to(lesson).as_posix()}]({path.relative_to(lesson).as_posix()}.md)"
+        f"    - [{name}]({name if path.suffix in IMAGE_SUFFIXES else name + '.md'})"
         for path in sources
         if path.is_relative_to(lesson)
+        for name in [path.relative_to(lesson).as_posix()]
     ]
     content = "\n".join(
         [
@@ -189,6 +203,9 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
 
     sources = _embedded_files(SITE.root)
     for path in sources:
+        if path.suffix in IMAGE_SUFFIXES:
+            files.append(_image(config, path))
+            continue
         page = _source_page(config, path)
         if page is not None:
             files.append(page)
