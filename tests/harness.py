@@ -78,6 +78,11 @@ ENGINE_MODULES = (
     "durable",
     "listener",
     "check_histories",
+    "cli",
+    "metrics",
+    "remote",
+    "dashboard",
+    "api",
     "db.models",
     "db.queries",
 )
