@@ -339,11 +339,14 @@ class Worker:
         poll). Not the chores otherwise: they are part of the claim, and a worker that waited
         for chores it cannot do yet would wake at once, again and again, until a slot frees."""
         now = time.monotonic()
-        due = [self._chores_due] if claiming else []
         if self._conn is None:
-            # Heartbeats and timeouts need the database: only the next reconnection is due.
-            due.append(self._reconnect_at)
-        elif running:
+            # Heartbeats, timeouts and the chores need the database: only the next reconnection
+            # is due. (Counting the chores, due since before the outage, would make this wait
+            # return at once, turn after turn: a busy loop for as long as the outage lasts.)
+            due = [self._reconnect_at]
+        else:
+            due = [self._chores_due] if claiming else []
+        if self._conn is not None and running:
             due.append(self._next_beat)
             due += [context.deadline for _, context in running.values() if not context.stopped]
         if not running:
