@@ -128,7 +128,9 @@ def test_only_a_finished_task_without_a_parent_is_forked(lesson, engine, url, cu
         return ctx.wait(ctx.spawn("blocker"))
 
     task_id = engine.enqueue("parent")
-    with running(worker(lesson, engine, slots=2)):
+    # A short lease: heartbeats every half second, so that the blocker learns of the cancel
+    # (and its worker can stop) at once, not at the default lease's next heartbeat, 10 s on.
+    with running(worker(lesson, engine, slots=2, lease=1.5)):
         wait_until(lambda: engine.get(task_id).status == "suspended")
         before = counts(url)
         with pytest.raises(errors.TaskStateError, match="is suspended: only a finished task"):

@@ -460,6 +460,12 @@ def test_the_worker_command_starts_a_worker_that_runs_tasks(
     assert "cli-worker (pid" in err
 
 
+def test_the_api_command_hands_its_options_to_api_py(lesson, cli, capsys):
+    result = cli("api", "--port", "not-a-port")  # api.py's own parser refuses it
+    assert result.status == 2
+    assert "usage:" in result.err and "--port: invalid int value" in result.err
+
+
 def test_the_hardway_command_runs_the_latest_lessons_cli(lesson_db, pg_server_url, tmp_path):
     latest = sorted(LESSONS_DIR.glob("[0-9][0-9]-*/cli.py"))[-1].parent.name
     url = lesson_db(latest)

@@ -274,7 +274,7 @@ def test_two_steps_at_once_are_refused(lesson, engine):
         return await asyncio.gather(wait_a_bit(1), wait_a_bit(2))
 
     (task,) = finish(lesson, engine, engine.enqueue("greedy", None))
-    assert task.status == "failed" and "steps cannot nest" in task.error
+    assert task.status == "failed" and "steps run one at a time" in task.error
 
 
 # endregion

@@ -7,6 +7,7 @@ reprioritize them, send events, watch the queues, start a worker.
     python cli.py events send approved '{"by": "ana"}'
     python cli.py queues stats
     python cli.py worker --tasks demo_tasks --slots 4
+    python cli.py api --tasks ops_tasks --port 8011
 
 or `hardway ...` from anywhere (the console script, hardway/operate.py, runs the latest
 lesson's cli.py). It works on the lesson's database, as a worker process finds it
@@ -35,6 +36,7 @@ import datetime
 import json
 from typing import Annotated, Any, NoReturn
 
+import api
 import typer
 import worker
 from db.models import OperatorAction, OperatorActionKind, Task, TaskStatus
@@ -421,6 +423,12 @@ PASS_THROUGH: dict[str, Any] = {"allow_extra_args": True, "ignore_unknown_option
 def run_worker(context: typer.Context) -> None:
     """Start a worker: worker.py's options (`worker --help` lists them)."""
     worker.main(context.args)
+
+
+@app.command("api", context_settings=PASS_THROUGH, add_help_option=False)
+def run_api(context: typer.Context) -> None:
+    """Serve the HTTP API and the dashboard: api.py's options (`api --help` lists them)."""
+    api.main(context.args)
 
 
 # endregion

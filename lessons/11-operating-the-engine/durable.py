@@ -420,6 +420,12 @@ class DurableContext(TaskContext):
         task cannot run at once (asyncio.gather): the log is a sequence, and the second one is
         refused (RuntimeError); spawn children for parallel work.
         """
+        if self._in_step is not None and not self._nested():
+            raise RuntimeError(
+                f"step {name!r} started while step {self._in_step!r} runs: a durable task's"
+                " steps run one at a time, in the order of its log (spawn children to run"
+                " work in parallel)"
+            )
         input_hash, event = self._find_step(name, args, kwargs, hash_input)
         if event is not None:
             return cast(T, self._replayed_step(event))
@@ -545,7 +551,6 @@ class DurableContext(TaskContext):
             # call's event would never be asked for, and the next call would get it instead.
             raise RuntimeError(
                 f"{call.describe()} called inside step {self._in_step!r}: steps cannot nest"
-                " (nor run at once: asyncio.gather of two steps)"
             )
         if self.diverged is not None:
             raise self.diverged  # a run that diverged cannot go on, whatever the function does
