@@ -2,10 +2,10 @@
 
 Run it (after `source .venv/bin/activate` at the repository root; about two minutes):
 
-    cd lessons/09-durable-sleep-and-events && python bench.py
+    cd lessons/10-branching-and-forking && python bench.py
     python bench.py --quick           # fewer tasks and shorter windows: quicker, noisier
 
-It uses a database of its own (`lesson_09_bench`) on the same server as main.py, and prints
+It uses a database of its own (`lesson_10_bench`) on the same server as main.py, and prints
 the machine (CPU, cores, PostgreSQL version) and a table. The workers are PROCESSES
 (`python worker.py --tasks bench`, this file being their task module: `register()` below),
 1 worker x 20 slots unless a row says otherwise; every time is from the database clock.
@@ -56,7 +56,7 @@ from hardway.postgres import recreate_database, server_url
 from worker import Worker
 
 LESSON_DIR = Path(__file__).resolve().parent
-DBNAME = "lesson_09_bench"
+DBNAME = "lesson_10_bench"
 SLOTS = 20
 NAP = 3600  # seconds: the sleepers of the first rows sleep through the whole benchmark
 

@@ -97,9 +97,14 @@ class HttpWorker(Worker):
         name: str,
         task_names: Sequence[str] = (),
         lease: float = DEFAULT_LEASE,
+        chores_due: float = 0.0,
     ) -> None:
         super().__init__(engine, name, lease=lease, listen=False)
         self.declared_names = list(task_names)
+        # When the chores are due (time.monotonic()): the API's, shared by every claim it
+        # serves (RemoteWorkers), as a Python worker's belong to its loop. A claimer of its own
+        # per request would do them at every claim: five round trips more for each task.
+        self._chores_due = chores_due
 
     @property
     def task_names(self) -> list[str]:
@@ -145,6 +150,8 @@ class RemoteWorkers:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.waiting = 0  # claims waiting for work now: HTTP workers with nothing to do
+        # When the chores are due next (time.monotonic()), for every claim (HttpWorker).
+        self._chores_due = 0.0
         # The Listener sets `_heard`, an Event, as it does for a worker's loop: one waiter. Here
         # any number of claims wait at once, and each must hear it: the relay thread turns
         # every set into a ring of the bell (`_rings`, under `_bell`), which wakes them all.
@@ -212,7 +219,7 @@ class RemoteWorkers:
         if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= MAX_WAIT:
             raise TaskOptionError(f"wait must be a number of seconds from 0 to {MAX_WAIT:g}")
         check_lease(lease)
-        claimer = HttpWorker(self.engine, worker, task_names, lease)
+        claimer = HttpWorker(self.engine, worker, task_names, lease, self._chores_due)
         deadline = time.monotonic() + wait
         while True:
             # Read before the claim, so that a ring during the claim is not missed: the wait
@@ -242,6 +249,9 @@ class RemoteWorkers:
         with self.engine.connection() as conn:
             started = time.monotonic()
             claimed = claimer.claim(conn, 1)
+            # When this claim says the chores are due next (it did them, or its alarm is set):
+            # for the next claims too. Two claims at once may both do them: harmless, bounded.
+            self._chores_due = claimer.alarm
             observe_claimed(claimed, time.monotonic() - started)
             if not claimed:
                 return None
