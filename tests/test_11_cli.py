@@ -489,3 +489,18 @@ def test_the_hardway_command_runs_the_latest_lessons_cli(lesson_db, pg_server_ur
     assert [(task["name"], task["tags"]) for task in json.loads(listed.stdout)] == [
         ("mail", {"customer": "42"})
     ]
+
+
+def test_a_database_of_an_earlier_lesson_is_refused_in_one_line(
+    lesson, lesson_db, pg_server_url, monkeypatch, capsys
+):
+    older = lesson_db("10-branching-and-forking")  # no tags column
+    monkeypatch.setenv("DATABASE_URL", pg_server_url)
+    monkeypatch.setenv("LESSON_DBNAME", dbname(older))
+    with pytest.raises(SystemExit) as exit:
+        lesson.cli.main(["tasks", "list"])
+    assert exit.value.code == 1
+    assert capsys.readouterr().err == (
+        'error: column "tags" does not exist: this database was not made with lesson 11\'s'
+        " schema\n"
+    )

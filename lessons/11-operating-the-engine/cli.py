@@ -37,6 +37,7 @@ import json
 from typing import Annotated, Any, NoReturn
 
 import api
+import psycopg
 import typer
 import worker
 from db.models import OperatorAction, OperatorActionKind, Task, TaskStatus
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(err), status=2)
     except REFUSED as err:
         fail(str(err), status=1)
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedTable) as err:
+        # A database made by an earlier lesson's schema (no `tags`, say): not a bug here.
+        problem = str(err).splitlines()[0]
+        fail(f"{problem}: this database was not made with lesson 11's schema", status=1)
 
 
 def fail(message: str, status: int) -> NoReturn:
