@@ -385,6 +385,44 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def test_the_loops_generic_plans_stay_on_the_indexes_as_the_tables_grow(lesson, url, engine):
+    """The loop's connection keeps one generic plan per statement (lesson 08: no planning per
+    turn), made while the tables are small. It must not be a plan that reads a whole table, and
+    goes on reading it once the table holds a million rows ("Stale plans", docs/performance.md).
+    """
+    engine.task("noop")(lambda input: None)
+    worker = lesson.worker.Worker(engine, "w")
+    queries = lesson.db_queries.Querier
+    grow = (
+        "WITH t AS (INSERT INTO tasks (name, input, status, attempts, worker, started_at,"
+        " lease_expires_at) SELECT 'noop', to_jsonb(n), 'running', 1, 'w', now(),"
+        " now() + interval '1 hour' FROM generate_series(1, %s) AS n RETURNING id)"
+        " INSERT INTO task_attempts (task_id, attempt, worker, started_at)"
+        " SELECT id, 1, 'w', now() FROM t"
+    )
+    # Fifty tasks, and statistics that say so: a worker that starts on a young queue.
+    sql(url, grow, 50)
+    sql(url, "ANALYZE tasks, task_attempts")
+    with worker.connect() as conn:
+        # Planned, and planned again: psycopg prepares the statement at its fifth run, and
+        # PostgreSQL tries its generic plan after five more.
+        for _ in range(12):
+            queries(conn).complete_tasks(done=[{"id": 1, "attempt": 1, "output": None}])
+        # Then the tables grow, with no ANALYZE since: what a queue that fills in seconds sees.
+        sql(url, grow, 50_000)
+        [(last,)] = sql(url, "SELECT max(id) FROM tasks")
+        # This session's sequential scans, as its statistics count them, before and after.
+        seq_scans = (
+            "SELECT relname, seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE relname IN ('tasks', 'task_attempts') ORDER BY relname"
+        )
+        with conn.transaction():
+            before = conn.execute(seq_scans).fetchall()
+            assert queries(conn).complete_tasks(done=[{"id": last, "attempt": 1, "output": 1}])
+            after = conn.execute(seq_scans).fetchall()
+    assert after == before
+
+
 @pytest.fixture
 def pgbouncer(url, tmp_path) -> Iterator[str]:
     """`url`'s database through a PgBouncer in transaction mode: the URL to connect to it."""

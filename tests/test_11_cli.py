@@ -501,6 +501,5 @@ def test_a_database_of_an_earlier_lesson_is_refused_in_one_line(
         lesson.cli.main(["tasks", "list"])
     assert exit.value.code == 1
     assert capsys.readouterr().err == (
-        'error: column "tags" does not exist: this database was not made with lesson 11\'s'
-        " schema\n"
+        'error: column "tags" does not exist: this database was not made with lesson 11\'s schema\n'
     )

@@ -92,6 +92,20 @@ REFUSED = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
 
 Finished = tuple[Task, TaskContext, Outcome]
 
+# region: loop_connection
+# The loop's own connection keeps one generic plan per statement, where the engine's other
+# connections plan every run (CONNECTION_OPTIONS, and "Stale plans" in docs/performance.md): its
+# few statements run up to a thousand times a second, and planning them was a sixth of a turn.
+# A generic plan is made once, for the tables as they were then, and a plan that reads a whole
+# table, chosen while it held fifty rows, would go on reading it at a million. With sequential
+# scans off, the planner reads a whole table only where no index can serve, and every statement
+# of the loop finds its rows through an index. (A test grows the tables under a cached plan.)
+LOOP_CONNECTION_OPTIONS: dict[str, Any] = {
+    **CONNECTION_OPTIONS,
+    "options": "-c plan_cache_mode=auto -c enable_seqscan=off",
+}
+# endregion
+
 
 class Worker:
     """Runs the tasks of one Engine's registry, up to `slots` at a time, on its own connection.
@@ -183,7 +197,7 @@ class Worker:
         `SELECT application_name, state, query FROM pg_stat_activity` shows who is doing what.
         """
         return psycopg.connect(
-            self.engine.database_url, application_name=self.name, **CONNECTION_OPTIONS
+            self.engine.database_url, application_name=self.name, **LOOP_CONNECTION_OPTIONS
         )
 
     def run(self, stop: threading.Event) -> None:
