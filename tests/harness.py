@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+import uvicorn
 from psycopg import sql as pgsql
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -262,3 +263,24 @@ def nested(levels: int) -> list:
     for _ in range(levels):
         value = [value]
     return value
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Lesson 11's API `app`, served by uvicorn on a free loopback port, in a thread; its URL.
+
+    Port 0: the system picks a free one. (uvicorn makes the socket: one made here would lack
+    TCP_NODELAY, and each response would wait 40 ms for the client's delayed ACK.)
+    """
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), timeout=10)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        app.state.remote.stop()  # a claim still waiting answers now, not after its wait
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "uvicorn did not stop"

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import statistics
 import subprocess
-import threading
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +28,19 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from harness import lesson_dir, lessons_from, load_lesson, running, sql, wait_until, worker
+from harness import (
+    lesson_dir,
+    lesson_env,
+    lessons_from,
+    load_lesson,
+    running,
+    serving,
+    sql,
+    wait_until,
+    worker,
+)
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import conninfo
 
 TOKEN = "test-token"
 
@@ -60,29 +71,16 @@ class Api:
 
 
 @contextmanager
-def serving(lesson, engine) -> Iterator[Api]:
-    """The lesson's API for `engine`, served by uvicorn on a free loopback port, in a thread."""
+def serving_api(lesson, engine) -> Iterator[Api]:
+    """The lesson's API for `engine`, served on a loopback port (harness.serving), and clients."""
     app = lesson.api.create_app(engine, TOKEN)
-    # Port 0: the system picks a free one. (uvicorn makes the socket: one made here would lack
-    # TCP_NODELAY, and each response would wait 40 ms for the client's delayed ACK.)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, timeout=10)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {TOKEN}"}
     with (
+        serving(app) as url,
         httpx.Client(base_url=url, headers=headers, timeout=30) as client,
         httpx.Client(base_url=url, timeout=30) as anonymous,
     ):
-        try:
-            yield Api(url, client, anonymous, app.state.remote)
-        finally:
-            app.state.remote.stop()  # any claim still waiting answers now
-            server.should_exit = True
-    thread.join(timeout=10)
-    assert not thread.is_alive(), "the server did not stop"
+        yield Api(url, client, anonymous, app.state.remote)
 
 
 @pytest.fixture
@@ -90,7 +88,7 @@ def api(lesson, engine) -> Iterator[Api]:
     # Two tasks whose functions run elsewhere: the HTTP workers' (engine.declare_task).
     engine.declare_task("greet", durable=True, backoff=0.05)
     engine.declare_task("resize", backoff=0.05)
-    with serving(lesson, engine) as running_api:
+    with serving_api(lesson, engine) as running_api:
         yield running_api
 
 
@@ -576,3 +574,42 @@ def test_stats_metrics_and_the_openapi_document(api, engine):
     assert {"/tasks", "/tasks/{task_id}/fork", "/worker/claim"} <= set(document["paths"])
     assert "/dashboard" not in document["paths"]
     assert api.client.get("/docs").status_code == 200
+
+
+def test_api_py_without_a_token_makes_one_and_prints_it(lesson, url, pg_server_url):
+    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+    env = {k: v for k, v in lesson_env(pg_server_url, dbname).items() if k != "HARDWAY_API_TOKEN"}
+    port = free_port()
+    command = [sys.executable, str(lesson_dir(lesson.name) / "api.py"), "--port", str(port)]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()  # printed before the server starts
+        assert first.startswith("API token (set HARDWAY_API_TOKEN to choose one): "), first
+        token = first.split(": ", 1)[1].strip()
+        assert len(token) >= 32
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(base + "/stats"), timeout=30)
+        task = {"name": "greet", "input": {"name": "Ada"}}  # ops_tasks, api.py's default
+        assert httpx.post(base + "/tasks", json=task).status_code == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.post(base + "/tasks", json=task, headers=headers).status_code == 201
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert sql(url, "SELECT count(*) FROM tasks") == [(1,)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

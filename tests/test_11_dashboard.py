@@ -11,15 +11,12 @@ real API (api.create_app), served by uvicorn, a real worker and a real database.
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
-from harness import lessons_from, load_lesson, running, wait_until, worker
+from harness import lessons_from, load_lesson, running, serving, worker
 from playwright.sync_api import Page, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,29 +50,6 @@ def page(browser) -> Iterator[Page]:
     context = browser.new_context()  # its own cookies and storage: nothing left by another test
     yield context.new_page()
     context.close()
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Serve `app` with uvicorn, in a thread, for the duration of a with block; its base URL.
-
-    On a socket bound here to port 0: the system picks a free port, and no other process can
-    take it between the moment it is picked and the moment the server listens.
-    """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn")
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), timeout=10)
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 def task_row(page: Page, task_id: int):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -356,3 +358,28 @@ def test_main_runs_tasks_through_the_api_a_shell_worker_and_the_cli(pg_server_ur
         assert events == [("compose", 1), ("deliver", 2)]
     finally:
         drop_database(pg_server_url, dbname)
+
+
+def test_a_worker_process_serves_its_metrics(lesson, engine, url, pg_server_url, tmp_path):
+    (tmp_path / "metered_tasks.py").write_text(
+        "def register(engine):\n    engine.task('double')(lambda n: n * 2)\n"
+    )
+    engine.task("double")(lambda n: n * 2)
+    task_id = engine.enqueue("double", 21)
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dbname = conninfo.conninfo_to_dict(url)["dbname"]
+    command = [sys.executable, str(lesson_dir(lesson.name) / "worker.py")]
+    command += ["--tasks", "metered_tasks", "--metrics-port", str(port)]
+    env = {**lesson_env(pg_server_url, dbname), "PYTHONPATH": str(tmp_path)}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert engine.wait(task_id, timeout=30).output == 42
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert 'hardway_attempts_total{outcome="completed",task_name="double"} 1.0' in text
+    assert 'hardway_pickup_seconds_count{task_name="double"} 1.0' in text
